@@ -1,0 +1,404 @@
+"""Dispatch: claim batches from the ledger, render them, send them, record outcomes.
+
+``concurrency`` workers run on one asyncio loop; each claims a batch (the rows
+turn ``sending``, committed before the batch leaves), renders it, hands it to
+the transport and records the outcomes in one transaction. Transient outcomes
+are sent again after an exponential, jittered wait (tenacity's
+``wait_exponential_jitter``, or the server's Retry-After if longer) up to
+``max_attempts`` tries in this run, then left ``deferred`` with the time they
+may next be tried. Ledger calls run on one thread of their own so a slow
+commit never stalls the sending loop.
+
+Stopping (:meth:`Dispatcher.stop`, wired to SIGINT/SIGTERM by the caller):
+no new batch is claimed, batches in flight finish within ``stop_timeout``, and
+a batch cut off after that is recorded ``unknown`` (it may have left) or put
+back to ``pending`` (it had not started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import tenacity
+
+from .errors import ConfigError, RenderError, TransportError
+from .ledger import OPEN_STATES, Campaign, ClaimedRow, Ledger, RowUpdate
+from .render import Template
+from .transports.base import Message, Outcome, Status, Transport
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*\Z", re.I)
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+THROTTLE_FACTOR = 0.8  # a throttling reply (429, 421) cuts the run's rate to this share
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A send rate such as ``50/s`` or ``2000/h``."""
+
+    count: float
+    per_seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.match(text)
+        if not match or float(match.group(1)) <= 0:
+            raise ConfigError(
+                f"{text!r} is not a rate",
+                option="--rate",
+                hint="Write a positive count per unit, e.g. 50/s, 300/m or 2000/h",
+            )
+        return cls(float(match.group(1)), _PER[match.group(2)[0].lower()])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per_seconds
+
+
+class RateLimiter:
+    """A token bucket over the whole run: each message reserves ``1/rate`` seconds.
+
+    Without a rate it never waits, but a throttling reply still makes it pause
+    for the server's Retry-After.
+    """
+
+    def __init__(self, rate: Rate | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = rate.per_second if rate else None
+        self._clock = clock
+        self._next_free = clock()
+
+    async def acquire(self, count: int) -> None:
+        now = self._clock()
+        start = max(now, self._next_free)
+        if self.per_second:
+            self._next_free = start + count / self.per_second
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    def throttle(self, retry_after: float | None) -> None:
+        """Slow down after a throttling reply: pause for ``retry_after`` and lower the rate."""
+        if retry_after:
+            self._next_free = max(self._next_free, self._clock() + retry_after)
+        if self.per_second:
+            self.per_second *= THROTTLE_FACTOR
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """How a run sends; each field is the ``mergekit send`` option of the same name."""
+
+    concurrency: int = 4
+    batch_size: int | None = None
+    rate: Rate | None = None
+    max_attempts: int = 3
+    unknown: str = "resend"
+    include_failed: bool = False
+    due_only: bool = True  # False for ``retry``: deferred rows go now, whatever their time
+    dry_run: bool = False
+    backoff_initial: float = 1.0  # seconds before the second try; doubles, with jitter
+    backoff_max: float = 30.0
+    defer_base: float = 60.0  # a deferred row's wait before the next run may try it; doubles
+    defer_max: float = 3600.0
+    stop_timeout: float = 30.0
+
+    def check(self) -> None:
+        """Refuse impossible values, naming the option, before anything is sent."""
+        if self.concurrency < 1:
+            raise ConfigError("must be at least 1", option="--concurrency")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("must be at least 1", option="--batch-size")
+        if self.max_attempts < 1:
+            raise ConfigError("must be at least 1", option="--max-attempts")
+        if self.unknown not in {"resend", "skip"}:
+            raise ConfigError("must be resend or skip", option="--unknown")
+
+
+@dataclass
+class RunResult:
+    """What one run did (``this_run``) and where the campaign stands (``counts``)."""
+
+    campaign: str
+    counts: dict[str, int]
+    this_run: Counter[str] = field(default_factory=Counter)
+    recovered_unknown: int = 0
+    interrupted: bool = False
+    elapsed: float = 0.0
+    next_due: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return campaign_exit_code(self.counts)
+
+
+def campaign_exit_code(counts: dict[str, int]) -> int:
+    """DESIGN.md's exit codes for the campaign as it stands: 0 done, 1 with failures, 3 resumable."""
+    if any(counts.get(state, 0) for state in OPEN_STATES):
+        return 3
+    if counts.get("failed", 0) or counts.get("invalid", 0):
+        return 1
+    return 0
+
+
+class Dispatcher:
+    """Runs one campaign's sendable rows through a transport until none is left or it is stopped."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        campaign: Campaign,
+        template: Template,
+        transport: Transport,
+        options: SendOptions,
+        on_progress: Callable[[Counter[str]], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.campaign = campaign
+        self.template = template
+        self.transport = transport
+        self.options = options
+        self.on_progress = on_progress or (lambda _: None)
+        batch = options.batch_size or transport.max_batch
+        if options.rate:
+            # Keep a batch to about a second of the rate, so a batch never bursts far ahead.
+            batch = min(batch, max(1, int(options.rate.per_second)))
+        self.batch_size = min(batch, transport.max_batch)
+        self.limiter = RateLimiter(options.rate)
+        self.this_run: Counter[str] = Counter()
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._wait = tenacity.wait_exponential_jitter(
+            initial=options.backoff_initial, max=options.backoff_max
+        )
+        states = ["unknown"] if options.unknown == "resend" else []
+        states += ["deferred", "pending"]
+        if options.include_failed:
+            states.append("failed")
+        self._states = tuple(states)
+
+    def stop(self) -> None:
+        """Stop claiming; batches in flight finish (see ``stop_timeout``)."""
+        if not self._stopping.is_set():
+            log.warning("stopping: finishing the batches in flight, then committing")
+        self._stopping.set()
+
+    async def run(self) -> RunResult:
+        started = time.monotonic()
+        try:
+            if self.options.dry_run:
+                await self._run_workers()
+            else:
+                async with self.transport:
+                    await self._run_workers()
+        finally:
+            self._executor.shutdown(wait=True)
+        counts = self.ledger.counts(self.campaign)
+        if self.options.dry_run:
+            counts["pending"] += counts["sending"]
+            counts["sending"] = 0
+        return RunResult(
+            campaign=self.campaign.name,
+            counts=counts,
+            this_run=self.this_run,
+            interrupted=self._stopping.is_set(),
+            elapsed=time.monotonic() - started,
+            next_due=self.ledger.next_due(self.campaign) if counts["deferred"] else None,
+        )
+
+    async def _run_workers(self) -> None:
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.options.concurrency)]
+        stop_waiter = asyncio.create_task(self._stopping.wait())
+        pending: set[asyncio.Task[Any]] = set(workers)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending | {stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(stop_waiter)
+                for task in done:
+                    if task is not stop_waiter:
+                        task.result()  # re-raise a worker's error
+                if stop_waiter in done and pending:
+                    _, late = await asyncio.wait(pending, timeout=self.options.stop_timeout)
+                    for task in late:
+                        task.cancel()
+                    await asyncio.gather(*late, return_exceptions=True)
+                    break
+        finally:
+            stop_waiter.cancel()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _worker(self) -> None:
+        while not self._stopping.is_set():
+            claimed = await self._db(
+                self.ledger.claim,
+                self.campaign,
+                self.batch_size,
+                states=self._states,
+                due_before=time.time() if self.options.due_only else None,
+            )
+            if not claimed:
+                return
+            await self._handle(claimed)
+
+    async def _handle(self, claimed: list[ClaimedRow]) -> None:
+        rendered: list[tuple[ClaimedRow, Message]] = []
+        updates: list[RowUpdate] = []
+        for row in claimed:
+            try:
+                rendered.append((row, self.template.render(row.data, row=row.row, key=row.key)))
+            except RenderError as err:
+                updates.append(RowUpdate(row.id, "invalid", attempted=False, text=err.message))
+        if self.options.dry_run:
+            # Rendered rows stay ``sending`` so no worker claims them again; the
+            # dry run's throwaway ledger reports them as what would be sent.
+            self.this_run["would_send"] += len(rendered)
+            await self._record(updates)
+            self.on_progress(Counter(would_send=len(rendered)))
+            return
+        await self._send_with_retries(rendered, updates)
+
+    async def _send_with_retries(
+        self, rendered: list[tuple[ClaimedRow, Message]], updates: list[RowUpdate]
+    ) -> None:
+        remaining = rendered
+        attempt = 0
+        while remaining:
+            attempt += 1
+            await self.limiter.acquire(len(remaining))
+            outcomes = await self._send([message for _, message in remaining], remaining)
+            last_try = attempt >= self.options.max_attempts or self._stopping.is_set()
+            retry: list[tuple[ClaimedRow, Message]] = []
+            longest_retry_after = 0.0
+            for (row, message), outcome in zip(remaining, outcomes, strict=True):
+                if outcome.status is Status.TRANSIENT:
+                    longest_retry_after = max(longest_retry_after, outcome.retry_after or 0.0)
+                    if not last_try:
+                        retry.append((row, message))
+                updates.append(self._update(row, message, outcome, attempt, final=last_try))
+            await self._record(updates)
+            updates = []
+            if not retry:
+                return
+            if longest_retry_after:
+                self.limiter.throttle(longest_retry_after)
+            await self._pause(max(self._backoff(attempt), longest_retry_after))
+            remaining = retry
+            if self._stopping.is_set():
+                # Stopped during the wait: these rows were not sent again; defer them.
+                await self._record(
+                    [
+                        RowUpdate(
+                            row.id,
+                            "deferred",
+                            attempted=False,
+                            text="stopped before the next try",
+                            next_attempt_at=time.time(),
+                        )
+                        for row, _ in remaining
+                    ]
+                )
+                self.this_run["deferred"] += len(remaining)
+                return
+
+    async def _send(
+        self, messages: list[Message], rows: Sequence[tuple[ClaimedRow, Message]]
+    ) -> list[Outcome]:
+        try:
+            outcomes = await self.transport.send_batch(messages)
+        except TransportError as err:
+            return [Outcome.transient(err.code, str(err))] * len(messages)
+        except asyncio.CancelledError:
+            # Cut off by the stop timeout: the batch may have partly left.
+            await asyncio.shield(
+                self._record(
+                    [
+                        RowUpdate(
+                            row.id,
+                            "unknown",
+                            text="stopped while the batch was being sent",
+                            message_id=message.message_id,
+                        )
+                        for row, message in rows
+                    ]
+                )
+            )
+            raise
+        except Exception as err:  # a transport bug must not lose the batch's rows
+            log.exception("transport %s failed on a batch", self.transport.name)
+            return [Outcome.unknown(f"transport error: {err}")] * len(messages)
+        if len(outcomes) != len(messages):
+            log.error(
+                "transport %s returned %d outcomes for %d messages",
+                self.transport.name,
+                len(outcomes),
+                len(messages),
+            )
+            return [Outcome.unknown("transport returned no outcome for this message")] * len(messages)
+        return outcomes
+
+    def _update(
+        self, row: ClaimedRow, message: Message, outcome: Outcome, attempt: int, *, final: bool
+    ) -> RowUpdate:
+        text = outcome.text
+        if outcome.status is Status.SENT:
+            state = "sent"
+        elif outcome.status is Status.PERMANENT:
+            state = "failed"
+        elif outcome.status is Status.UNKNOWN:
+            state = "unknown"
+        elif final:
+            state = "deferred"
+        else:
+            state = "sending"  # tried again in this run after the backoff
+        next_attempt = None
+        if state == "deferred":
+            runs = (row.attempts + attempt) // max(1, self.options.max_attempts)
+            wait = min(self.options.defer_max, self.options.defer_base * 2 ** max(0, runs - 1))
+            next_attempt = time.time() + max(wait, outcome.retry_after or 0.0)
+        if state != "sending":
+            self.this_run[state] += 1
+        return RowUpdate(
+            row.id,
+            state,
+            code=outcome.code,
+            text=text,
+            provider_id=outcome.provider_id,
+            message_id=message.message_id,
+            next_attempt_at=next_attempt,
+        )
+
+    async def _record(self, updates: list[RowUpdate]) -> None:
+        if not updates:
+            return
+        await self._db(self.ledger.record, self.campaign, updates)
+        done = Counter(update.state for update in updates if update.state != "sending")
+        if "invalid" in done:
+            self.this_run["invalid"] += done["invalid"]
+        self.on_progress(done)
+
+    def _backoff(self, attempt: int) -> float:
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return float(self._wait(state))
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the run is stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)

@@ -1,0 +1,540 @@
+"""The ledger: the campaign's queue and its record at once.
+
+One row per recipient holds the row's data, its state, attempts, next-attempt
+time, last reply, provider id and Message-ID. Dispatch talks to the small
+:class:`Ledger` interface only, so another engine (PostgreSQL) differs just in
+how it claims and stores.
+
+States::
+
+    pending ──claim──► sending ──► sent | deferred | failed | unknown
+    deferred (due) / unknown (by --unknown resend) ──claim──► sending
+    invalid, duplicate, suppressed: recorded at ingest or render, never sent
+
+``sending`` is committed before the first byte of a batch leaves, and outcomes
+are committed per batch in one transaction each, so a crash can only leave rows
+in ``sending``; the next run turns them into ``unknown``.
+
+Durability (SQLite): WAL with ``synchronous=FULL`` by default, so a committed
+``sent`` survives a power loss as well as a process kill; ``synchronous=NORMAL``
+(``?synchronous=normal``) survives a process kill but may lose the last
+commits on power loss.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LedgerBusyError, LedgerError
+from .source import SourceRow
+
+STATES = ("pending", "sending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed", "unknown")
+# Rows still to be delivered: a campaign with any of these is resumable (exit 3).
+OPEN_STATES = frozenset({"pending", "sending", "deferred", "unknown"})
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A campaign as the ledger knows it; ``transport`` is the redacted URL of its last run."""
+
+    id: int
+    name: str
+    template_path: str
+    template_source: str
+    template_fingerprint: str
+    transport: str
+    created_at: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """A row handed to dispatch in state ``sending``; ``previous`` is the state it came from."""
+
+    id: int
+    row: int
+    key: str
+    data: dict[str, str]
+    attempts: int
+    previous: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowUpdate:
+    """What to write back for one claimed row; ``attempted`` adds one to its attempts."""
+
+    id: int
+    state: str
+    attempted: bool = True
+    code: int | None = None
+    text: str = ""
+    provider_id: str | None = None
+    message_id: str | None = None
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One recipient's record, as ``report`` shows it."""
+
+    row: int
+    key: str
+    email: str
+    state: str
+    attempts: int
+    last_code: int | None
+    last_text: str
+    provider_id: str
+    message_id: str
+    next_attempt_at: float | None
+    unknown_count: int
+    updated_at: float | None
+
+
+@dataclass(frozen=True)
+class IngestCounts:
+    """How many rows an ingest added, and how many it found already in the ledger."""
+
+    added: int
+    known: int
+
+
+class Ledger(ABC):
+    """What dispatch and the commands need from a ledger; each call is one transaction."""
+
+    path: str
+
+    @abstractmethod
+    def open_campaign(
+        self,
+        name: str,
+        *,
+        template_path: str,
+        template_source: str,
+        fingerprint: str,
+        transport: str,
+        allow_template_change: bool,
+        settings: dict[str, Any] | None = None,
+    ) -> Campaign:
+        """Create the campaign or check it against the template it was started with."""
+
+    @abstractmethod
+    def find_campaign(self, name: str | None) -> Campaign:
+        """The campaign named, or the only one, or else the most recent."""
+
+    @abstractmethod
+    def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
+        """Add rows not yet recorded (by key and occurrence); leave known rows untouched."""
+
+    @abstractmethod
+    def recover(self, campaign: Campaign) -> int:
+        """Turn rows left in ``sending`` by a crash into ``unknown``; return how many."""
+
+    @abstractmethod
+    def claim(
+        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+    ) -> list[ClaimedRow]:
+        """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in row order.
+
+        ``deferred`` rows are claimed only when due (``next_attempt_at <= due_before``)
+        unless ``due_before`` is None.
+        """
+
+    @abstractmethod
+    def record(self, campaign: Campaign, updates: Sequence[RowUpdate]) -> None:
+        """Write a batch's outcomes in one transaction."""
+
+    @abstractmethod
+    def counts(self, campaign: Campaign) -> dict[str, int]:
+        """Rows per state (every state present, zero where none)."""
+
+    @abstractmethod
+    def recovered_unknown(self, campaign: Campaign) -> int:
+        """How many rows were ever found in ``sending`` after a crash."""
+
+    @abstractmethod
+    def next_due(self, campaign: Campaign) -> float | None:
+        """The earliest ``next_attempt_at`` of a deferred row."""
+
+    @abstractmethod
+    def rows(self, campaign: Campaign, states: Sequence[str] | None = None) -> Iterator[LedgerRow]:
+        """Every recipient's record in row order, optionally only those in ``states``."""
+
+    @abstractmethod
+    def lock_for_send(self, campaign: Campaign) -> None:
+        """Hold the campaign for this process until close; raise LedgerBusyError if held."""
+
+    @abstractmethod
+    def is_locked(self, campaign: Campaign) -> bool:
+        """True while some process holds the campaign for sending."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release locks and connections."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS campaigns (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    template_path TEXT NOT NULL,
+    template_source TEXT NOT NULL,
+    template_fingerprint TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY,
+    campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+    row INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    occurrence INTEGER NOT NULL,
+    email TEXT NOT NULL,
+    data TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    last_code INTEGER,
+    last_text TEXT NOT NULL DEFAULT '',
+    provider_id TEXT NOT NULL DEFAULT '',
+    message_id TEXT NOT NULL DEFAULT '',
+    unknown_count INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL,
+    UNIQUE (campaign_id, key, occurrence)
+);
+CREATE INDEX IF NOT EXISTS recipients_by_state ON recipients (campaign_id, state, next_attempt_at);
+"""
+
+
+class SqliteLedger(Ledger):
+    """The embedded ledger: one SQLite file in WAL mode, safe against a process kill."""
+
+    def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._lock_file: int | None = None
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._check_version()
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(
+                f"cannot open the ledger: {err}",
+                path=path,
+                hint="Point --ledger at a mergekit ledger file, or a new path",
+            ) from err
+
+    def _check_version(self) -> None:
+        found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if found is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(found[0]) > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger was written by a newer mergekit (schema {found[0]}, "
+                f"this one reads {SCHEMA_VERSION})",
+                path=self.path,
+                hint="Upgrade mergekit, or use another --ledger",
+            )
+
+    # -- campaigns -----------------------------------------------------------
+
+    def open_campaign(
+        self,
+        name: str,
+        *,
+        template_path: str,
+        template_source: str,
+        fingerprint: str,
+        transport: str,
+        allow_template_change: bool,
+        settings: dict[str, Any] | None = None,
+    ) -> Campaign:
+        now = time.time()
+        existing = self._campaign_where("name = ?", (name,))
+        if existing is None:
+            self._db.execute(
+                "INSERT INTO campaigns (name, template_path, template_source, template_fingerprint,"
+                " transport, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    template_path,
+                    template_source,
+                    fingerprint,
+                    transport,
+                    json.dumps(settings or {}),
+                    now,
+                    now,
+                ),
+            )
+        elif existing.template_fingerprint != fingerprint and not allow_template_change:
+            raise LedgerError(
+                f"the template changed since campaign {name!r} started ({existing.template_path})",
+                path=self.path,
+                hint="Pass --allow-template-change to send the remaining rows with the new "
+                "template, or --campaign NAME to start a new campaign",
+            )
+        else:
+            self._db.execute(
+                "UPDATE campaigns SET template_path = ?, template_source = ?, "
+                "template_fingerprint = ?, transport = ?, settings = ?, updated_at = ? WHERE id = ?",
+                (
+                    template_path,
+                    template_source,
+                    fingerprint,
+                    transport,
+                    json.dumps(settings or existing.settings),
+                    now,
+                    existing.id,
+                ),
+            )
+        found = self._campaign_where("name = ?", (name,))
+        assert found is not None
+        return found
+
+    def find_campaign(self, name: str | None) -> Campaign:
+        if name is not None:
+            found = self._campaign_where("name = ?", (name,))
+            if found is None:
+                names = [r[0] for r in self._db.execute("SELECT name FROM campaigns ORDER BY name")]
+                raise LedgerError(
+                    f"there is no campaign {name!r}"
+                    + (f"; it holds {', '.join(map(repr, names))}" if names else "; it is empty"),
+                    path=self.path,
+                    hint="Name one of its campaigns with --campaign",
+                )
+            return found
+        found = self._campaign_where("1 = 1 ORDER BY updated_at DESC, id DESC LIMIT 1", ())
+        if found is None:
+            raise LedgerError(
+                "the ledger holds no campaign yet",
+                path=self.path,
+                hint="Run mergekit send first, or pass the right --ledger",
+            )
+        return found
+
+    def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
+        row = self._db.execute(
+            "SELECT id, name, template_path, template_source, template_fingerprint, transport,"
+            f" created_at, settings FROM campaigns WHERE {where}",
+            args,
+        ).fetchone()
+        if row is None:
+            return None
+        return Campaign(*row[:7], settings=json.loads(row[7]))
+
+    # -- rows ----------------------------------------------------------------
+
+    def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
+        added = known = 0
+        now = time.time()
+        for chunk in chunks:
+            before = self._db.total_changes
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO recipients (campaign_id, row, key, occurrence, email, data, state,"
+                    " last_text, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (campaign_id, key, occurrence) DO NOTHING",
+                    [
+                        (
+                            campaign.id,
+                            r.row,
+                            r.key,
+                            r.occurrence,
+                            r.email,
+                            json.dumps(r.data, ensure_ascii=False),
+                            r.state,
+                            r.reason,
+                            now,
+                        )
+                        for r in chunk
+                    ],
+                )
+            inserted = self._db.total_changes - before
+            added += inserted
+            known += len(chunk) - inserted
+        return IngestCounts(added, known)
+
+    def recover(self, campaign: Campaign) -> int:
+        with self._transaction():
+            cursor = self._db.execute(
+                "UPDATE recipients SET state = 'unknown', unknown_count = unknown_count + 1,"
+                " last_text = 'found in sending after an interrupted run: the message may or may'"
+                " || ' not have left', updated_at = ? WHERE campaign_id = ? AND state = 'sending'",
+                (time.time(), campaign.id),
+            )
+        return cursor.rowcount
+
+    def claim(
+        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+    ) -> list[ClaimedRow]:
+        claimed: list[ClaimedRow] = []
+        now = time.time()
+        with self._transaction():
+            for state in states:
+                if len(claimed) >= limit:
+                    break
+                due = "AND next_attempt_at <= ?" if state == "deferred" and due_before else ""
+                args: tuple[Any, ...] = (campaign.id, state)
+                if due:
+                    args += (due_before,)
+                rows = self._db.execute(
+                    "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN"
+                    f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ? {due}"
+                    " ORDER BY id LIMIT ?) RETURNING id, row, key, data, attempts",
+                    (now, *args, limit - len(claimed)),
+                ).fetchall()
+                claimed.extend(ClaimedRow(i, r, k, json.loads(d), a, state) for i, r, k, d, a in rows)
+        claimed.sort(key=lambda row: row.id)
+        return claimed
+
+    def record(self, campaign: Campaign, updates: Sequence[RowUpdate]) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE recipients SET state = ?, attempts = attempts + ?, last_code = ?,"
+                " last_text = ?, provider_id = COALESCE(?, provider_id),"
+                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?"
+                " WHERE id = ? AND campaign_id = ?",
+                [
+                    (
+                        u.state,
+                        int(u.attempted),
+                        u.code,
+                        u.text,
+                        u.provider_id,
+                        u.message_id,
+                        u.next_attempt_at,
+                        now,
+                        u.id,
+                        campaign.id,
+                    )
+                    for u in updates
+                ],
+            )
+
+    def counts(self, campaign: Campaign) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for state, count in self._db.execute(
+            "SELECT state, count(*) FROM recipients WHERE campaign_id = ? GROUP BY state",
+            (campaign.id,),
+        ):
+            counts[state] = count
+        return counts
+
+    def recovered_unknown(self, campaign: Campaign) -> int:
+        return int(
+            self._db.execute(
+                "SELECT count(*) FROM recipients WHERE campaign_id = ? AND unknown_count > 0",
+                (campaign.id,),
+            ).fetchone()[0]
+        )
+
+    def next_due(self, campaign: Campaign) -> float | None:
+        found = self._db.execute(
+            "SELECT min(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",
+            (campaign.id,),
+        ).fetchone()[0]
+        return float(found) if found is not None else None
+
+    def rows(self, campaign: Campaign, states: Sequence[str] | None = None) -> Iterator[LedgerRow]:
+        where, args = "campaign_id = ?", [campaign.id]
+        if states:
+            where += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        cursor = self._db.execute(
+            "SELECT row, key, email, state, attempts, last_code, last_text, provider_id,"
+            f" message_id, next_attempt_at, unknown_count, updated_at FROM recipients WHERE {where}"
+            " ORDER BY row, occurrence",
+            args,
+        )
+        for record in cursor:
+            yield LedgerRow(*record)
+
+    # -- locking -------------------------------------------------------------
+
+    def _lock_path(self, campaign: Campaign) -> str:
+        return f"{self.path}.{campaign.id}.lock"
+
+    def lock_for_send(self, campaign: Campaign) -> None:
+        if self.path == ":memory:":
+            return
+        handle = os.open(self._lock_path(campaign), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 64).decode(errors="replace").strip() or "another process"
+            os.close(handle)
+            raise LedgerBusyError(
+                f"campaign {campaign.name!r} is being sent by another mergekit (pid {holder})",
+                path=self.path,
+                hint="Wait for it to finish (mergekit status shows progress), or stop it first",
+            ) from None
+        os.ftruncate(handle, 0)
+        os.write(handle, str(os.getpid()).encode())
+        self._lock_file = handle
+
+    def is_locked(self, campaign: Campaign) -> bool:
+        if self._lock_file is not None or self.path == ":memory:":
+            return self._lock_file is not None
+        try:
+            handle = os.open(self._lock_path(campaign), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(handle)
+        return False
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+        self._db.close()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error): one write transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def open_ledger(location: str) -> Ledger:
+    """The ledger at ``location``: a SQLite file path (PostgreSQL URLs come with that engine)."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "PostgreSQL ledgers are not available in this version",
+            option="--ledger",
+            hint="Use a SQLite file path",
+        )
+    return SqliteLedger(location)

@@ -1,0 +1,210 @@
+"""The one small interface every transport implements, and the data it speaks.
+
+A transport turns rendered messages into outcomes and nothing else: it never
+retries, renders or touches the ledger (dispatch does). ``send_batch`` returns
+exactly one :class:`Outcome` per message, in order; a refusal of one message is
+an outcome, not an exception. An exception from ``send_batch`` means the whole
+batch's fate is unknown to the transport, and dispatch treats it as such.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import ClassVar, Self
+from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
+
+from ..errors import ConfigError
+
+
+class Status(enum.StrEnum):
+    """What became of one message: the closed vocabulary of outcomes."""
+
+    SENT = "sent"  # accepted by the server or provider
+    TRANSIENT = "transient"  # refused for now (4xx, 429, 5xx HTTP, connection lost before the data)
+    PERMANENT = "permanent"  # refused for good (SMTP 5xx, HTTP 4xx)
+    UNKNOWN = "unknown"  # may or may not have left (reply lost after the data went out)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One message's outcome; ``retry_after`` is the server's requested wait in seconds."""
+
+    status: Status
+    provider_id: str | None = None
+    code: int | None = None
+    text: str = ""
+    retry_after: float | None = None
+
+    @classmethod
+    def sent(cls, provider_id: str | None = None, code: int | None = None, text: str = "") -> Outcome:
+        return cls(Status.SENT, provider_id, code, text)
+
+    @classmethod
+    def transient(cls, code: int | None, text: str, retry_after: float | None = None) -> Outcome:
+        return cls(Status.TRANSIENT, None, code, text, retry_after)
+
+    @classmethod
+    def permanent(cls, code: int | None, text: str) -> Outcome:
+        return cls(Status.PERMANENT, None, code, text)
+
+    @classmethod
+    def unknown(cls, text: str, code: int | None = None) -> Outcome:
+        return cls(Status.UNKNOWN, None, code, text)
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file carried by a message; ``content`` is shared between rows naming the same file."""
+
+    filename: str
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A rendered message: the wire bytes plus the parts HTTP APIs want separately.
+
+    ``headers`` holds every header as the template rendered it (decoded text, no
+    ``Bcc``), in order; ``raw`` is the RFC 5322 message with CRLF line ends.
+    """
+
+    row: int
+    key: str
+    message_id: str
+    envelope_from: str
+    envelope_to: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]
+    text: str | None
+    html: str | None
+    raw: bytes
+    attachments: tuple[Attachment, ...] = field(default=())
+
+    def header(self, name: str, default: str = "") -> str:
+        """The first header called ``name`` (case-insensitive), decoded."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return default
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: hosts where cleartext never leaves the machine."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+SECRET_QUERY_KEYS = frozenset({"key", "api_key", "token", "secret", "password", "private"})
+
+
+@dataclass(frozen=True)
+class TransportURL:
+    """A parsed transport URL; ``redacted`` is the only form that may be shown or stored."""
+
+    text: str
+    parts: SplitResult
+    query: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> TransportURL:
+        parts = urlsplit(text)
+        if not parts.scheme:
+            raise ConfigError(
+                f"transport URL {redact_url(text)!r} has no scheme",
+                option="--transport",
+                hint="Use e.g. smtp://host:587, maildir://outbox or null://",
+            )
+        return cls(text, parts, dict(parse_qsl(parts.query, keep_blank_values=True)))
+
+    @property
+    def scheme(self) -> str:
+        return self.parts.scheme.lower()
+
+    @property
+    def redacted(self) -> str:
+        return redact_url(self.text)
+
+    def flag(self, name: str, default: bool) -> bool:
+        """A boolean query parameter such as ``?tls_verify=false``."""
+        value = self.query.get(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(
+            f"?{name}={value!r} in the transport URL is not a boolean",
+            option="--transport",
+            hint="Use true or false",
+        )
+
+
+def redact_url(text: str) -> str:
+    """The URL with its password and secret-looking query values replaced by ``***``."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+    query = "&".join(
+        f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class Transport(ABC):
+    """Open, send batches, close. Subclasses declare ``schemes`` and ``max_batch``.
+
+    ``concurrency`` is how many ``send_batch`` calls dispatch keeps in flight at
+    once; a transport sizes its pool of connections to it.
+    """
+
+    schemes: ClassVar[tuple[str, ...]]
+    max_batch: ClassVar[int]
+    name: ClassVar[str]
+
+    def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
+        self.url = url
+        self.concurrency = concurrency
+
+    async def open(self) -> None:
+        """Prepare to send (connect, authenticate); raise TransportError if that cannot work."""
+
+    @abstractmethod
+    async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Send ``messages``; return one outcome per message, in order."""
+
+    async def close(self) -> None:
+        """Release connections; never raises for a connection already gone."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

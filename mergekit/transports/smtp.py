@@ -1,0 +1,281 @@
+"""``smtp://`` and ``smtps://``: a pool of reused aiosmtplib connections.
+
+``smtp://[user[:password]@]host[:port][?starttls=auto|always|never]`` speaks
+plain SMTP on port 25 (587 with a user) and upgrades with STARTTLS when the
+server offers it (``auto``), insists on it (``always``) or never tries
+(``never``). ``smtps://`` is implicit TLS on port 465. Certificates are
+verified; ``?tls_verify=false`` turns that off for self-signed test servers and
+says so on every run. The password may also come from ``MERGEKIT_SMTP_PASSWORD``.
+Credentials are never sent over a cleartext connection to a non-loopback host.
+
+Each connection carries many messages (reconnecting after ``?max_per_connection``
+messages, on 421 and when the server drops it). A message's dialogue is MAIL,
+RCPT per recipient, DATA; a refusal is that message's outcome and the
+connection is reset (RSET) and reused. A reply lost after the data went out
+makes the outcome ``unknown``: the server may have taken the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import ssl
+from collections.abc import Sequence
+from typing import ClassVar
+from urllib.parse import unquote
+
+import aiosmtplib
+from aiosmtplib import SMTPStatus
+
+from ..errors import ConfigError, TransportError
+from .base import Message, Outcome, Transport, TransportURL, is_loopback
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0  # seconds to wait for any one reply before the connection is given up
+DEFAULT_MAX_PER_CONNECTION = 1000  # messages before a fresh connection: bounds server-side state
+_DOT_LINE = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: a line starting with '.' gets another
+
+
+class _Lost(Exception):
+    """The connection went away; ``after_data`` says whether the message had been sent."""
+
+    def __init__(self, text: str, *, after_data: bool) -> None:
+        super().__init__(text)
+        self.after_data = after_data
+
+
+class SmtpTransport(Transport):
+    """An SMTP client pool of ``concurrency`` connections; a batch uses one connection."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("smtp", "smtps")
+    max_batch: ClassVar[int] = 100
+    name: ClassVar[str] = "smtp"
+
+    def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
+        super().__init__(url, concurrency=concurrency)
+        parts = url.parts
+        self.implicit_tls = url.scheme == "smtps"
+        if not parts.hostname:
+            raise ConfigError(
+                f"{url.redacted} names no host",
+                option="--transport",
+                hint="Use e.g. smtp://mail.example.com:587",
+            )
+        self.host = parts.hostname
+        self.username = unquote(parts.username) if parts.username else None
+        self._password = (
+            unquote(parts.password) if parts.password else os.environ.get("MERGEKIT_SMTP_PASSWORD")
+        )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{url.redacted} has a bad port", option="--transport") from None
+        self.port = port or (465 if self.implicit_tls else 587 if self.username else 25)
+        self.starttls = url.query.get("starttls", "auto").lower()
+        if self.starttls not in {"auto", "always", "never"}:
+            raise ConfigError(
+                f"?starttls={self.starttls!r} must be auto, always or never", option="--transport"
+            )
+        self.verify = url.flag("tls_verify", True)
+        self.timeout = float(url.query.get("timeout", DEFAULT_TIMEOUT))
+        self.max_per_connection = int(url.query.get("max_per_connection", DEFAULT_MAX_PER_CONNECTION))
+        self.endpoint = f"{self.host}:{self.port}"
+        if self.username and self._password is None:
+            raise ConfigError(
+                f"{url.redacted} names user {self.username!r} but no password",
+                option="--transport",
+                hint="Put it in the URL or in MERGEKIT_SMTP_PASSWORD",
+            )
+        self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
+        self._tls_context: ssl.SSLContext | None = None
+        if not self.verify:
+            log.warning(
+                "TLS certificate verification is OFF for %s (?tls_verify=false): "
+                "use this only with a test server",
+                self.endpoint,
+            )
+            self._tls_context = ssl.create_default_context()
+            self._tls_context.check_hostname = False
+            self._tls_context.verify_mode = ssl.CERT_NONE
+
+    async def open(self) -> None:
+        """Connect once to fail early on a wrong host, TLS or password; keep it in the pool."""
+        self._idle.append((await self._connect(), 0))
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            await _quietly_quit(connection)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        start_tls: bool | None = {"auto": None, "always": True, "never": False}[self.starttls]
+        connection = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.implicit_tls,
+            start_tls=False if self.implicit_tls else start_tls,
+            validate_certs=self.verify,
+            tls_context=self._tls_context,
+            timeout=self.timeout,
+        )
+        try:
+            await connection.connect()
+            if self.username:
+                if not _is_encrypted(connection) and not is_loopback(self.host):
+                    raise ConfigError(
+                        f"{self.endpoint} offers no TLS; the password is not sent in clear text",
+                        option="--transport",
+                        hint="Use smtps:// or a server that offers STARTTLS",
+                    )
+                await connection.login(self.username, self._password or "")
+        except aiosmtplib.SMTPAuthenticationError as err:
+            await _quietly_quit(connection)
+            raise ConfigError(
+                f"{self.endpoint} refused the login for {self.username!r}: {err.code} {err.message}",
+                option="--transport",
+                hint="Check the user and password",
+            ) from None
+        except aiosmtplib.SMTPException as err:
+            connection.close()
+            raise TransportError(
+                f"cannot connect: {_describe(err)}", transport=self.name, endpoint=self.endpoint
+            ) from None
+        except OSError as err:
+            connection.close()
+            raise TransportError(
+                f"cannot connect: {err.strerror or err}", transport=self.name, endpoint=self.endpoint
+            ) from None
+        return connection
+
+    async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        connection, used = self._idle.pop() if self._idle else (None, 0)
+        for index, message in enumerate(messages):
+            if connection is None or not connection.is_connected or used >= self.max_per_connection:
+                if connection is not None:
+                    await _quietly_quit(connection)
+                try:
+                    connection, used = await self._connect(), 0
+                except TransportError as err:
+                    outcomes.extend(Outcome.transient(None, str(err)) for _ in messages[index:])
+                    return outcomes
+            try:
+                outcome = await self._send_one(connection, message)
+            except _Lost as lost:
+                connection.close()
+                connection = None
+                outcome = (
+                    Outcome.unknown(str(lost)) if lost.after_data else Outcome.transient(None, str(lost))
+                )
+            used += 1
+            outcomes.append(outcome)
+            if outcome.code == SMTPStatus.domain_unavailable and connection is not None:
+                # 421: the server is closing this connection (RFC 5321 3.8).
+                connection.close()
+                connection = None
+        if connection is not None and connection.is_connected:
+            self._idle.append((connection, used))
+        return outcomes
+
+    async def _send_one(self, connection: aiosmtplib.SMTP, message: Message) -> Outcome:
+        """MAIL, RCPT…, DATA for one message; refusals become outcomes, the connection is kept."""
+        try:
+            await connection.mail(message.envelope_from)
+            refused: dict[str, aiosmtplib.SMTPResponse] = {}
+            for recipient in message.envelope_to:
+                try:
+                    await connection.rcpt(recipient)
+                except aiosmtplib.SMTPRecipientRefused as err:
+                    refused[recipient] = aiosmtplib.SMTPResponse(err.code, err.message)
+            if len(refused) == len(message.envelope_to):
+                await _reset(connection)
+                return _refused_outcome(refused)
+            start = await connection.execute_command(b"DATA")
+            if start.code != SMTPStatus.start_input:
+                await _reset(connection)
+                return _classify(start.code, start.message)
+        except aiosmtplib.SMTPResponseException as err:
+            if err.code != SMTPStatus.domain_unavailable:
+                await _reset(connection)
+            return _classify(err.code, err.message)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as err:
+            raise _Lost(
+                f"connection lost before the data was sent: {_describe(err)}", after_data=False
+            ) from None
+        protocol = connection.protocol
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            # aiosmtplib's data() cannot tell a loss before the 354 from one after the
+            # message went out, so the content is written here and its reply read apart.
+            protocol.write(_DOT_LINE.sub(b"..", message.raw) + b".\r\n")
+            reply = await protocol.read_response(timeout=self.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as err:
+            raise _Lost(
+                f"connection lost after the data was sent: {_describe(err)}", after_data=True
+            ) from None
+        except aiosmtplib.SMTPResponseException as err:  # a garbled reply
+            raise _Lost(f"unreadable reply to the data: {_describe(err)}", after_data=True) from None
+        if reply.code == SMTPStatus.completed:
+            partial = ""
+            if refused:
+                partial = "; refused: " + ", ".join(f"{r} {c.code} {c.message}" for r, c in refused.items())
+            return Outcome.sent(_queue_id(reply.message), reply.code, reply.message + partial)
+        if reply.code != SMTPStatus.domain_unavailable:
+            await _reset(connection)
+        return _classify(reply.code, reply.message)
+
+
+def _classify(code: int, text: str) -> Outcome:
+    """RFC 5321 4.2.1: 4yz is transient, 5yz permanent."""
+    if 400 <= code < 500:
+        return Outcome.transient(code, text)
+    return Outcome.permanent(code, text)
+
+
+def _refused_outcome(refused: dict[str, aiosmtplib.SMTPResponse]) -> Outcome:
+    """Every recipient refused: transient if any refusal was, so a retry may still reach them."""
+    replies = list(refused.values())
+    transient = [reply for reply in replies if 400 <= reply.code < 500]
+    chosen = transient[0] if transient else replies[0]
+    text = "; ".join(f"{recipient}: {reply.code} {reply.message}" for recipient, reply in refused.items())
+    return _classify(chosen.code, text)
+
+
+async def _reset(connection: aiosmtplib.SMTP) -> None:
+    """RSET after a failed transaction so the connection can carry the next message."""
+    try:
+        await connection.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        connection.close()
+
+
+async def _quietly_quit(connection: aiosmtplib.SMTP) -> None:
+    try:
+        if connection.is_connected:
+            await connection.quit()
+    except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        connection.close()
+
+
+def _is_encrypted(connection: aiosmtplib.SMTP) -> bool:
+    return connection.get_transport_info("sslcontext") is not None
+
+
+def _queue_id(text: str) -> str | None:
+    # Postfix: "2.0.0 Ok: queued as 4Xy…"; others vary, so keep the reply text as well.
+    match = re.search(r"queued as (\S+)", text)
+    return match.group(1) if match else None
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, aiosmtplib.SMTPResponseException):
+        return f"{err.code} {err.message}"
+    return str(err) or type(err).__name__
+
+
+__all__ = ["SmtpTransport"]
