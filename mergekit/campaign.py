@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import tempfile
 import time
@@ -21,7 +22,7 @@ from .dispatch import Dispatcher, RunResult, SendOptions
 from .errors import ConfigError, LedgerError, RenderError
 from .ledger import STATES, Campaign, Ledger, LedgerRow, open_ledger
 from .render import Template, TemplateSource
-from .source import SourceOptions, read_rows
+from .source import SourceOptions, SourceRow, read_rows
 from .transports import transport_from_url
 from .transports.base import Message
 
@@ -322,8 +323,15 @@ def preview(
         raise ConfigError("rows are numbered from 1 (the first line after the header)", option="--row")
     name = campaign or default_campaign_name(recipients, template_path)
     compiled = Template.from_path(template_path, campaign=name)
+    with contextlib.closing(read_rows(recipients, source)) as chunks:
+        return _preview_rows(chunks, compiled, limit, row, recipients)
+
+
+def _preview_rows(
+    chunks: Iterator[list[SourceRow]], compiled: Template, limit: int, row: int | None, recipients: str | Path
+) -> list[PreviewItem]:
     items: list[PreviewItem] = []
-    for chunk in read_rows(recipients, source):
+    for chunk in chunks:
         for source_row in chunk:
             if row is not None and source_row.row != row:
                 continue

@@ -178,7 +178,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._wait = tenacity.wait_exponential_jitter(
-            initial=options.backoff_initial, max=options.backoff_max
+            multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
         )
         states = ["unknown"] if options.unknown == "resend" else []
         states += ["deferred", "pending"]

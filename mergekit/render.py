@@ -285,10 +285,15 @@ def _parse_addresses(value: str, *, header: str, row: int, key: str) -> list[tup
     if not value:
         raise RenderError(f"header {header}: is empty", row=row, key=key, header=header)
     pairs = getaddresses([value])
-    if not pairs or any(not address for _, address in pairs):
-        raise RenderError(
-            f"header {header}: {value!r} is not a valid address list", row=row, key=key, header=header
-        )
+    if not pairs or any("@" not in address for _, address in pairs):
+        single = _SINGLE_ANGLE_ADDRESS.match(value)
+        if single is None:
+            raise RenderError(
+                f"header {header}: {value!r} is not a valid address list", row=row, key=key, header=header
+            )
+        # "Doe, Jo <jo@example.org>" from a name column: one address whose display
+        # name holds specials; quote it rather than split it at the comma.
+        pairs = [(single.group(1).strip().strip('"'), single.group(2).strip())]
     parsed = []
     for name, address in pairs:
         try:
@@ -300,6 +305,7 @@ def _parse_addresses(value: str, *, header: str, row: int, key: str) -> list[tup
     return parsed
 
 
+_SINGLE_ANGLE_ADDRESS = re.compile(r"([^<>]*)<([^<>@]+@[^<>@]+)>\s*\Z")
 _ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]*\Z")
 
 

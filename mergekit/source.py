@@ -72,7 +72,7 @@ def read_rows(path: str | Path, options: SourceOptions = SourceOptions()) -> Ite
     _check_shape(path, encoding, len(columns))
     seen: dict[str, int] = {}
     row_number = 0
-    reader = pd.read_csv(
+    with pd.read_csv(
         path,
         dtype=str,
         keep_default_na=False,
@@ -81,14 +81,14 @@ def read_rows(path: str | Path, options: SourceOptions = SourceOptions()) -> Ite
         skip_blank_lines=True,
         engine="c",
         index_col=False,
-    )
-    for chunk in reader:
-        rows = []
-        for record in chunk.to_numpy(dtype=object).tolist():
-            row_number += 1
-            data = dict(zip(columns, record, strict=True))
-            rows.append(_classify(row_number, data, email_column, key_column, seen))
-        yield rows
+    ) as reader:
+        for chunk in reader:
+            rows = []
+            for record in chunk.to_numpy(dtype=object).tolist():
+                row_number += 1
+                data = dict(zip(columns, record, strict=True))
+                rows.append(_classify(row_number, data, email_column, key_column, seen))
+            yield rows
 
 
 def _check_shape(path: str, encoding: str, width: int) -> None:

@@ -5,7 +5,8 @@ plain SMTP on port 25 (587 with a user) and upgrades with STARTTLS when the
 server offers it (``auto``), insists on it (``always``) or never tries
 (``never``). ``smtps://`` is implicit TLS on port 465. Certificates are
 verified; ``?tls_verify=false`` turns that off for self-signed test servers and
-says so on every run. The password may also come from ``MERGEKIT_SMTP_PASSWORD``.
+says so on every run; ``?ca_file=PATH`` trusts a private CA instead. The
+password may also come from ``MERGEKIT_SMTP_PASSWORD``.
 Credentials are never sent over a cleartext connection to a non-loopback host.
 
 Each connection carries many messages (reconnecting after ``?max_per_connection``
@@ -88,8 +89,25 @@ class SmtpTransport(Transport):
                 option="--transport",
                 hint="Put it in the URL or in MERGEKIT_SMTP_PASSWORD",
             )
+        if (
+            self.username
+            and not self.implicit_tls
+            and self.starttls == "never"
+            and not is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"{url.redacted} would send the password in clear text (starttls=never)",
+                option="--transport",
+                hint="Use smtps://, or starttls=auto|always",
+            )
         self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
         self._tls_context: ssl.SSLContext | None = None
+        ca_file = url.query.get("ca_file")
+        if ca_file:
+            try:
+                self._tls_context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(f"cannot load ?ca_file={ca_file}: {err}", option="--transport") from None
         if not self.verify:
             log.warning(
                 "TLS certificate verification is OFF for %s (?tls_verify=false): "
