@@ -265,15 +265,22 @@ def status(*, ledger_path: str = DEFAULT_LEDGER, campaign: str | None = None) ->
             counts["unknown"] += counts["sending"]
             counts["sending"] = 0
         next_due = ledger.next_due(record) if counts["deferred"] else None
-        return {
-            "campaign": record.name,
-            **{state: counts[state] for state in STATES},
-            "total": sum(counts.values()),
-            "recovered_unknown": ledger.recovered_unknown(record),
-            "next_attempt_at": iso_time(next_due),
-        }
+        return status_object(record.name, counts, ledger.recovered_unknown(record), next_due)
     finally:
         ledger.close()
+
+
+def status_object(
+    name: str, counts: dict[str, int], recovered_unknown: int, next_due: float | None
+) -> dict[str, Any]:
+    """The ``--json`` object of DESIGN.md: every state's count, ``campaign`` and ``total``."""
+    return {
+        "campaign": name,
+        **{state: counts[state] for state in STATES},
+        "total": sum(counts.values()),
+        "recovered_unknown": recovered_unknown,
+        "next_attempt_at": iso_time(next_due),
+    }
 
 
 def report(

@@ -392,39 +392,34 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[Counter[str]]
 
 def _show_run(report: campaigns.SendReport, as_json: bool, ledger_path: str) -> None:
     run = report.run
-    found = {
-        "campaign": run.campaign,
-        **{state: run.counts[state] for state in STATES},
-        "total": sum(run.counts.values()),
-        "recovered_unknown": run.recovered_unknown,
-    }
+    found = campaigns.status_object(run.campaign, run.counts, run.recovered_unknown, run.next_due)
     if report.dry_run:
         found["dry_run"] = True
     if as_json:
         click.echo(json.dumps(found))
+    elif report.dry_run:
+        click.echo(
+            f"dry run: {run.this_run['would_send']} rows would be sent, "
+            f"{run.counts['invalid']} invalid, {run.counts['duplicate']} duplicate; "
+            "nothing was sent"
+        )
     else:
-        if report.dry_run:
+        click.echo(
+            f"campaign {run.campaign}: {report.ingested} new rows ingested, "
+            f"{report.already_known} already in the ledger"
+        )
+        if run.recovered_unknown:
             click.echo(
-                f"dry run: {run.this_run['would_send']} rows would be sent, "
-                f"{run.counts['invalid']} invalid, {run.counts['duplicate']} duplicate; "
-                "nothing was sent"
+                f"{run.recovered_unknown} rows were left 'sending' by an interrupted "
+                "run: counted unknown and handled by --unknown"
             )
-        else:
-            click.echo(
-                f"campaign {run.campaign}: {report.ingested} new rows ingested, "
-                f"{report.already_known} already in the ledger"
-            )
-            if run.recovered_unknown:
-                click.echo(
-                    f"{run.recovered_unknown} rows were left 'sending' by an interrupted "
-                    "run: counted unknown and handled by --unknown"
-                )
-            done = ", ".join(f"{count} {state}" for state, count in sorted(run.this_run.items()))
-            click.echo(f"this run: {done or 'nothing to send'} in {run.elapsed:.1f}s")
+        done = ", ".join(f"{count} {state}" for state, count in sorted(run.this_run.items()))
+        click.echo(f"this run: {done or 'nothing to send'} in {run.elapsed:.1f}s")
+    if not as_json:
         _print_status(found)
-        for note in report.notes:
-            click.echo(f"note: {note}")
-        _print_hint(found, run.interrupted, ledger_path, run.next_due)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    _print_hint(found, run.interrupted, ledger_path, run.next_due)
     sys.exit(report.exit_code)
 
 
