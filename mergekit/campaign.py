@@ -13,7 +13,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -335,7 +335,7 @@ def preview(
 
 
 def _preview_rows(
-    chunks: Iterator[list[SourceRow]], compiled: Template, limit: int, row: int | None, recipients: str | Path
+    chunks: Iterable[list[SourceRow]], compiled: Template, limit: int, row: int | None, recipients: str | Path
 ) -> list[PreviewItem]:
     items: list[PreviewItem] = []
     for chunk in chunks:

@@ -334,7 +334,10 @@ class SqliteLedger(Ledger):
         ).fetchone()
         if row is None:
             return None
-        return Campaign(*row[:7], settings=json.loads(row[7]))
+        campaign_id, name, path, source, fingerprint, transport, created_at, settings = row
+        return Campaign(
+            campaign_id, name, path, source, fingerprint, transport, created_at, json.loads(settings)
+        )
 
     # -- rows ----------------------------------------------------------------
 
@@ -451,10 +454,9 @@ class SqliteLedger(Ledger):
         return float(found) if found is not None else None
 
     def rows(self, campaign: Campaign, states: Sequence[str] | None = None) -> Iterator[LedgerRow]:
-        where, args = "campaign_id = ?", [campaign.id]
+        where, args = "campaign_id = ?", [campaign.id, *(states or ())]
         if states:
             where += f" AND state IN ({', '.join('?' * len(states))})"
-            args.extend(states)
         cursor = self._db.execute(
             "SELECT row, key, email, state, attempts, last_code, last_text, provider_id,"
             f" message_id, next_attempt_at, unknown_count, updated_at FROM recipients WHERE {where}"

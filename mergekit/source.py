@@ -19,7 +19,7 @@ import codecs
 import csv
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +56,9 @@ class SourceOptions:
     key_column: str | None = None
 
 
-def read_rows(path: str | Path, options: SourceOptions = SourceOptions()) -> Iterator[list[SourceRow]]:
+def read_rows(
+    path: str | Path, options: SourceOptions = SourceOptions()
+) -> Generator[list[SourceRow], None, None]:
     """Yield the file's rows in chunks, each row ``pending``, ``invalid`` or ``duplicate``.
 
     :raises InputError: the file is missing, empty, not in the encoding, has no

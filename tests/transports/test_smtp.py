@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,19 @@ def test_server_down_is_a_transport_error(tmp_path: Path) -> None:
     transport = transport_from_url(f"smtp://127.0.0.1:{free_port()}")
     with pytest.raises(TransportError, match="cannot connect"):
         asyncio.run(transport.open())
+
+
+def test_starttls_then_login(certificate_authority: trustme.CA, tmp_path: Path) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("localhost").configure_cert(context)
+    server = SmtpServer(starttls_context=context, login=("mailer", "pw")).start()
+    try:
+        recipients, template = write_campaign(tmp_path, 3)
+        ca_file = tmp_path / "ca.pem"
+        certificate_authority.cert_pem.write_to_path(str(ca_file))
+        url = f"smtp://mailer:pw@localhost:{server.port}?starttls=always&ca_file={ca_file}"
+        report = send(recipients, template, transport=url, ledger_path=str(tmp_path / "l.db"),
+                      options=FAST)
+        assert report.exit_code == 0 and len(server.messages) == 3
+    finally:
+        server.stop()
