@@ -32,8 +32,7 @@ class FakeClock:
         self.now += seconds
 
 
-@pytest.mark.parametrize("text, per_second", [("50/s", 50), ("300/m", 5), ("7200/h", 2),
-                                              ("2.5/sec", 2.5)])
+@pytest.mark.parametrize("text, per_second", [("50/s", 50), ("300/m", 5), ("7200/h", 2), ("2.5/sec", 2.5)])
 def test_rate_parse(text: str, per_second: float) -> None:
     assert Rate.parse(text).per_second == pytest.approx(per_second)
 
@@ -87,11 +86,24 @@ def test_sigterm_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.005).start()
     try:
         recipients, template = write_campaign(tmp_path, 1000)
-        args = [sys.executable, "-m", "mergekit", "send", str(recipients), str(template),
-                "--transport", f"smtp://127.0.0.1:{server.port}", "--concurrency", "2",
-                "--batch-size", "10", "--json"]
-        process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        args = [
+            sys.executable,
+            "-m",
+            "mergekit",
+            "send",
+            str(recipients),
+            str(template),
+            "--transport",
+            f"smtp://127.0.0.1:{server.port}",
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "10",
+            "--json",
+        ]
+        process = subprocess.Popen(
+            args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 60
         while len(server.messages) < 100 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -114,9 +126,12 @@ def test_transport_failure_mid_batch_is_not_lost(smtp_server: SmtpServer, tmp_pa
     """The server goes away for good mid-campaign: rows end deferred, none sending or lost."""
     recipients, template = write_campaign(tmp_path, 40)
     smtp_server.handler.defer_data_times = 10_000  # every DATA refused with 451
-    report = send(recipients, template, transport=f"smtp://127.0.0.1:{smtp_server.port}",
-                  ledger_path=str(tmp_path / "l.db"),
-                  options=SendOptions(concurrency=2, max_attempts=2, backoff_initial=0.01,
-                                      backoff_max=0.02))
+    report = send(
+        recipients,
+        template,
+        transport=f"smtp://127.0.0.1:{smtp_server.port}",
+        ledger_path=str(tmp_path / "l.db"),
+        options=SendOptions(concurrency=2, max_attempts=2, backoff_initial=0.01, backoff_max=0.02),
+    )
     assert report.run.counts["deferred"] == 40 and report.exit_code == 3
     assert report.run.this_run["deferred"] == 40
