@@ -135,3 +135,50 @@ def test_transport_failure_mid_batch_is_not_lost(smtp_server: SmtpServer, tmp_pa
     )
     assert report.run.counts["deferred"] == 40 and report.exit_code == 3
     assert report.run.this_run["deferred"] == 40
+
+
+def crash_mid_batch(ledger_path: Path, recipients: Path, template: Path, rows: int) -> None:
+    """Leave ``rows`` rows in ``sending``, as a run killed mid-batch does."""
+    from mergekit.campaign import default_campaign_name
+    from mergekit.ledger import SqliteLedger
+    from mergekit.render import TemplateSource
+    from mergekit.source import read_rows
+
+    source = TemplateSource.read(template)
+    ledger = SqliteLedger(str(ledger_path))
+    campaign = ledger.open_campaign(
+        default_campaign_name(recipients, template),
+        template_path=str(template.resolve()),
+        template_source=source.text,
+        fingerprint=source.fingerprint,
+        transport="null://",
+        allow_template_change=False,
+    )
+    ledger.ingest(campaign, read_rows(recipients))
+    ledger.claim(campaign, rows, states=["pending"], due_before=None)
+    ledger.close()
+
+
+@pytest.mark.parametrize("policy", ["resend", "skip"])
+def test_unknown_rows_follow_the_policy(smtp_server: SmtpServer, tmp_path: Path, policy: str) -> None:
+    recipients, template = write_campaign(tmp_path, 5)
+    crash_mid_batch(tmp_path / "l.db", recipients, template, 2)
+    result = send(
+        recipients,
+        template,
+        transport=f"smtp://127.0.0.1:{smtp_server.port}",
+        ledger_path=str(tmp_path / "l.db"),
+        options=SendOptions(unknown=policy),
+    )
+    assert result.run.recovered_unknown == 2
+    received = smtp_server.handler.by_recipient()
+    if policy == "resend":
+        assert result.exit_code == 0 and len(received) == 5
+        assert result.run.counts["sent"] == 5
+    else:
+        assert result.exit_code == 3 and result.run.counts["unknown"] == 2
+        assert "user1@example.org" not in received and len(received) == 3
+        from mergekit import retry
+
+        assert retry(ledger_path=str(tmp_path / "l.db")).exit_code == 0
+        assert len(smtp_server.handler.by_recipient()) == 5
