@@ -147,13 +147,19 @@ class PostgresLedger(Ledger):
         self.path = redact_url(url)
         conninfo, self.lease = split_ledger_url(url)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        opened: list[psycopg.Connection[Any]] = []
         try:
-            self._db = self._connect(conninfo)
+            opened.append(self._connect(conninfo))
             # A second connection for the lease renewals and the rate bucket, so they never
             # queue behind a claim or a commit of the sending loop.
-            self._side = self._connect(conninfo)
+            opened.append(self._connect(conninfo))
+            self._db, self._side = opened
             self._create_schema()
-        except psycopg.Error as err:
+        except BaseException as err:
+            for connection in opened:
+                connection.close()
+            if not isinstance(err, psycopg.Error):
+                raise
             raise LedgerError(
                 f"cannot open the PostgreSQL ledger: {_first_line(err)}",
                 path=self.path,
