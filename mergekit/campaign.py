@@ -1,14 +1,17 @@
 """Campaign operations: what each command does, as library calls.
 
 :func:`send` ingests the CSV, recovers an interrupted run and dispatches;
-:func:`retry` dispatches deferred, unknown (and failed) rows now; :func:`status`,
-:func:`report` and :func:`preview` read. The CLI is a thin layer over these.
+:func:`retry` dispatches deferred, unknown (and failed) rows now; :func:`work`
+joins a campaign in a shared (PostgreSQL) ledger as one more worker;
+:func:`status`, :func:`report` and :func:`preview` read. The CLI is a thin
+layer over these.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import tempfile
 import time
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .dispatch import Dispatcher, RunResult, SendOptions
+from .dispatch import Dispatcher, Rate, RunResult, SendOptions
 from .errors import ConfigError, LedgerError, RenderError
 from .ledger import STATES, Campaign, Ledger, LedgerRow, open_ledger
 from .render import Template, TemplateSource
@@ -27,6 +30,7 @@ from .transports import transport_from_url
 from .transports.base import Message
 
 DEFAULT_LEDGER = "mergekit.db"
+TRANSPORT_ENV = "MERGEKIT_TRANSPORT"  # a worker's transport URL (with its secrets) when --transport is absent
 
 
 def default_campaign_name(recipients: str | Path, template: str | Path) -> str:
@@ -43,6 +47,7 @@ class SendReport:
     already_known: int = 0
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    worker: str | None = None  # the worker id of a ``work`` run, as its rows record it
 
     @property
     def exit_code(self) -> int:
@@ -139,6 +144,7 @@ def _ingest_and_dispatch(
         fingerprint=source_template.fingerprint,
         transport=sender.url.redacted,
         allow_template_change=allow_template_change,
+        settings=campaign_settings(options),
     )
     ledger.lock_for_send(record)
     counts = ledger.ingest(record, read_rows(recipients, source))
@@ -185,7 +191,7 @@ async def _run_with_signals(dispatcher: Dispatcher) -> RunResult:
 
 
 def _already_sent_note(ledger_path: str, name: str) -> list[str]:
-    if not Path(ledger_path).exists():
+    if "://" not in ledger_path and not Path(ledger_path).exists():
         return []
     ledger = open_ledger(ledger_path)
     try:
@@ -239,6 +245,182 @@ def retry(
         return SendReport(result)
     finally:
         ledger.close()
+
+
+def campaign_settings(options: SendOptions) -> dict[str, Any]:
+    """What ``send`` records for workers joining later: ``--unknown``, ``--rate``, ``--max-attempts``."""
+    return {
+        "unknown": options.unknown,
+        "max_attempts": options.max_attempts,
+        "rate": [options.rate.count, options.rate.per_seconds] if options.rate else None,
+    }
+
+
+def work(
+    *,
+    ledger_path: str,
+    campaign: str | None = None,
+    transport: str | None = None,
+    options: SendOptions = SendOptions(),
+    follow: bool = False,
+    poll_interval: float = 1.0,
+    on_progress: Callable[[Counter[str]], None] | None = None,
+) -> SendReport:
+    """Join ``campaign`` (one started by ``send``) and send its rows until none is left.
+
+    Meant for a shared PostgreSQL ledger, where any number of workers on any
+    number of machines run this at once; on a SQLite ledger it holds the
+    campaign alone, like ``send``. The campaign's ``--unknown``, ``--rate``
+    (campaign-wide, shared by all workers) and ``--max-attempts`` are those its
+    last ``send`` recorded; ``options`` gives this worker's ``concurrency`` and
+    ``batch_size``. The transport is ``transport``, else ``$MERGEKIT_TRANSPORT``,
+    else the campaign's recorded URL if it held no secret.
+
+    The worker stops when nothing is claimable and no other worker holds rows
+    (a dead worker's rows turn ``unknown`` when its lease expires, and this
+    worker resends them). With ``follow`` it keeps waiting for new rows, due
+    deferred rows, or the campaign itself, until SIGINT/SIGTERM.
+
+    :raises ConfigError: no transport to use, or a bad option; nothing sent.
+    :raises LedgerError: the ledger cannot be opened or lacks the campaign (without ``follow``).
+    :raises TransportError: the transport cannot work at all; rows stay resumable.
+    """
+    options.check()
+    url = transport or os.environ.get(TRANSPORT_ENV) or None
+    if url is not None:
+        transport_from_url(url)  # a bad URL is refused before joining
+    ledger = _open_existing(ledger_path)
+    try:
+        return asyncio.run(
+            _work(ledger, campaign, url, options, follow=follow, poll=poll_interval, on_progress=on_progress)
+        )
+    finally:
+        ledger.close()
+
+
+async def _work(
+    ledger: Ledger,
+    name: str | None,
+    url: str | None,
+    base: SendOptions,
+    *,
+    follow: bool,
+    poll: float,
+    on_progress: Callable[[Counter[str]], None] | None,
+) -> SendReport:
+    started = time.monotonic()
+    stopping = asyncio.Event()
+    running: list[Dispatcher] = []
+
+    def stop() -> None:
+        stopping.set()
+        for dispatcher in running:
+            dispatcher.stop()
+
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for sig in handled:
+        loop.add_signal_handler(sig, stop)
+    this_run: Counter[str] = Counter()
+    recovered = 0
+    record: Campaign | None = None
+    locked = False
+    try:
+        while not stopping.is_set():
+            try:
+                record = ledger.find_campaign(name)
+            except LedgerError:
+                if not follow:
+                    raise
+                await _sleep(stopping, poll)
+                continue
+            if not locked:
+                ledger.lock_for_send(record)  # PostgreSQL: no-op; SQLite: this process alone
+                locked = True
+            recovered += ledger.recover(record)
+            options = _joined_options(record, base)
+            counts = ledger.counts(record)
+            if _claimable(ledger, record, counts, options):
+                dispatcher = Dispatcher(
+                    ledger,
+                    record,
+                    _compiled(record),
+                    _transport_for(record, url, options),
+                    options,
+                    on_progress,
+                )
+                running.append(dispatcher)
+                try:
+                    result = await dispatcher.run()
+                finally:
+                    running.remove(dispatcher)
+                this_run.update(result.this_run)
+                if not result.this_run:  # others claimed first: wait rather than spin
+                    await _sleep(stopping, poll)
+                continue
+            if not follow and not counts["sending"]:
+                break
+            # Rows held by other workers (their leases may still expire), or --follow: wait.
+            await _sleep(stopping, poll)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    if record is None:
+        raise LedgerError("stopped before the campaign appeared", path=ledger.path)
+    counts = ledger.counts(record)
+    return SendReport(
+        RunResult(
+            campaign=record.name,
+            counts=counts,
+            this_run=this_run,
+            recovered_unknown=recovered,
+            interrupted=stopping.is_set(),
+            elapsed=time.monotonic() - started,
+            next_due=ledger.next_due(record) if counts["deferred"] else None,
+        ),
+        worker=getattr(ledger, "worker_id", None),
+    )
+
+
+def _joined_options(record: Campaign, base: SendOptions) -> SendOptions:
+    settings = record.settings
+    rate = settings.get("rate")
+    return replace(
+        base,
+        unknown=settings.get("unknown", base.unknown),
+        max_attempts=int(settings.get("max_attempts", base.max_attempts)),
+        rate=Rate(float(rate[0]), float(rate[1])) if rate else None,
+    )
+
+
+def _claimable(ledger: Ledger, record: Campaign, counts: dict[str, int], options: SendOptions) -> bool:
+    if counts["pending"] or (counts["unknown"] and options.unknown == "resend"):
+        return True
+    due = ledger.next_due(record) if counts["deferred"] else None
+    return due is not None and due <= time.time()
+
+
+def _compiled(record: Campaign) -> Template:
+    return Template(
+        TemplateSource.parse(record.template_source, path=record.template_path), campaign=record.name
+    )
+
+
+def _transport_for(record: Campaign, url: str | None, options: SendOptions) -> Any:
+    if url is None:
+        if "***" in record.transport:
+            raise ConfigError(
+                f"the campaign's transport {record.transport} needs its secret on this machine",
+                option="--transport",
+                hint=f"Pass --transport with the full URL, or set {TRANSPORT_ENV}",
+            )
+        url = record.transport
+    return transport_from_url(url, concurrency=options.concurrency)
+
+
+async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
 
 
 def _open_existing(ledger_path: str) -> Ledger:

@@ -60,7 +60,7 @@ def ledger_options(command: F) -> F:
         default=campaigns.DEFAULT_LEDGER,
         show_default=True,
         metavar="PATH",
-        help="Ledger file (SQLite).",
+        help="Ledger: a SQLite file, or a postgresql:// URL shared by workers.",
     )(command)
 
 
@@ -268,6 +268,63 @@ def retry(
 
 
 @main.command()
+@click.option(
+    "--ledger",
+    "ledger_path",
+    required=True,
+    metavar="URL",
+    help="The campaign's shared ledger: postgresql://user@host/db[?lease=SECONDS].",
+)
+@click.option("--campaign", metavar="NAME", help="Campaign to join (default: the only or most recent one).")
+@click.option(
+    "--transport",
+    metavar="URL",
+    help=f"Where to send (default: ${campaigns.TRANSPORT_ENV}, else the campaign's URL if secret-free).",
+)
+@click.option(
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=int,
+    help="Connections (or requests) in flight at once in this worker.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Messages per claimed batch (default: the transport's largest; SMTP 100).",
+)
+@click.option(
+    "--follow", is_flag=True, help="Keep waiting for new rows (or the campaign) until Ctrl-C or SIGTERM."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final status as one JSON object.")
+@_fail_cleanly
+def worker(
+    ledger_path: str,
+    campaign: str | None,
+    transport: str | None,
+    concurrency: int,
+    batch_size: int | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Join a campaign in a shared ledger and send its rows until none is left.
+
+    Run it on as many machines as you like; --rate, --unknown and --max-attempts
+    are the campaign's, as its mergekit send set them.
+    """
+    with _progress() as (_, on_progress):
+        report = campaigns.work(
+            ledger_path=ledger_path,
+            campaign=campaign,
+            transport=transport,
+            options=SendOptions(concurrency=concurrency, batch_size=batch_size),
+            follow=follow,
+            on_progress=on_progress,
+        )
+    _show_run(report, as_json, ledger_path)
+
+
+@main.command()
 @ledger_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_cleanly
@@ -395,6 +452,9 @@ def _show_run(report: campaigns.SendReport, as_json: bool, ledger_path: str) -> 
     found = campaigns.status_object(run.campaign, run.counts, run.recovered_unknown, run.next_due)
     if report.dry_run:
         found["dry_run"] = True
+    if report.worker is not None:
+        found["worker"] = report.worker
+        found["this_run"] = dict(run.this_run)
     if as_json:
         click.echo(json.dumps(found))
     elif report.dry_run:
@@ -404,10 +464,13 @@ def _show_run(report: campaigns.SendReport, as_json: bool, ledger_path: str) -> 
             "nothing was sent"
         )
     else:
-        click.echo(
-            f"campaign {run.campaign}: {report.ingested} new rows ingested, "
-            f"{report.already_known} already in the ledger"
-        )
+        if report.worker is not None:
+            click.echo(f"worker {report.worker} joined campaign {run.campaign}")
+        else:
+            click.echo(
+                f"campaign {run.campaign}: {report.ingested} new rows ingested, "
+                f"{report.already_known} already in the ledger"
+            )
         if run.recovered_unknown:
             click.echo(
                 f"{run.recovered_unknown} rows were left 'sending' by an interrupted "

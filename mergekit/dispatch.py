@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import tenacity
 
 from .errors import ConfigError, RenderError, TransportError
-from .ledger import OPEN_STATES, Campaign, ClaimedRow, Ledger, RowUpdate
+from .ledger import OPEN_STATES, Campaign, ClaimedRow, Ledger, RowUpdate, SharedRateLimiter
 from .render import Template
 from .transports.base import Message, Outcome, Status, Transport
 
@@ -173,7 +173,10 @@ class Dispatcher:
             # Keep a batch to about a second of the rate, so a batch never bursts far ahead.
             batch = min(batch, max(1, int(options.rate.per_second)))
         self.batch_size = min(batch, transport.max_batch)
-        self.limiter = RateLimiter(options.rate)
+        # Several processes sending one campaign (PostgreSQL) share the ledger's limiter, so
+        # --rate is the campaign's total; otherwise the run's own limiter is the campaign's.
+        shared = ledger.rate_limiter(campaign, options.rate.per_second if options.rate else None)
+        self.limiter: RateLimiter | SharedRateLimiter = shared or RateLimiter(options.rate)
         self.this_run: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")

@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import LedgerBusyError, LedgerError
 from .source import SourceRow
@@ -54,6 +54,13 @@ class Campaign:
     transport: str
     created_at: float
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Campaign:
+        """From ``id, name, template_path, template_source, template_fingerprint, transport,
+        created_at, settings`` (settings as JSON text), the column order both engines select."""
+        campaign_id, name, path, source, fingerprint, transport, created_at, settings = row
+        return cls(campaign_id, name, path, source, fingerprint, transport, created_at, json.loads(settings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,18 @@ class IngestCounts:
 
     added: int
     known: int
+
+
+class SharedRateLimiter(Protocol):
+    """A rate limiter that every process sending a campaign shares (see ``Ledger.rate_limiter``)."""
+
+    per_second: float | None
+
+    async def acquire(self, count: int) -> None:
+        """Return when ``count`` more messages may leave."""
+
+    def throttle(self, retry_after: float | None) -> None:
+        """Slow down after a throttling reply: pause for ``retry_after`` and lower the rate."""
 
 
 class Ledger(ABC):
@@ -176,6 +195,14 @@ class Ledger(ABC):
     @abstractmethod
     def is_locked(self, campaign: Campaign) -> bool:
         """True while some process holds the campaign for sending."""
+
+    def rate_limiter(self, campaign: Campaign, per_second: float | None) -> SharedRateLimiter | None:
+        """The campaign-wide limiter at ``per_second``, when several processes send one campaign.
+
+        None (the default, and SQLite's answer: one process holds a campaign) means
+        the run's own local limiter is the campaign's.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None:
@@ -334,10 +361,7 @@ class SqliteLedger(Ledger):
         ).fetchone()
         if row is None:
             return None
-        campaign_id, name, path, source, fingerprint, transport, created_at, settings = row
-        return Campaign(
-            campaign_id, name, path, source, fingerprint, transport, created_at, json.loads(settings)
-        )
+        return Campaign.from_row(row)
 
     # -- rows ----------------------------------------------------------------
 
@@ -530,13 +554,17 @@ class _Transaction:
 
 
 def open_ledger(location: str) -> Ledger:
-    """The ledger at ``location``: a SQLite file path (PostgreSQL URLs come with that engine)."""
+    """The ledger at ``location``: a ``postgresql://`` URL, or else a SQLite file path."""
     if location.startswith(("postgresql://", "postgres://")):
-        from .errors import ConfigError
+        try:
+            from .ledger_postgres import PostgresLedger
+        except ImportError as err:
+            from .errors import ConfigError
 
-        raise ConfigError(
-            "PostgreSQL ledgers are not available in this version",
-            option="--ledger",
-            hint="Use a SQLite file path",
-        )
+            raise ConfigError(
+                f"PostgreSQL ledgers need psycopg, which is not installed ({err})",
+                option="--ledger",
+                hint="Install it with: pip install 'mergekit[postgres]'",
+            ) from None
+        return PostgresLedger(location)
     return SqliteLedger(location)

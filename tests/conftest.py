@@ -1,18 +1,32 @@
-"""Fixtures that start real servers and open real ledgers."""
+"""Shared fixtures: real SMTP servers, ledgers on both engines, a fresh PostgreSQL database.
+
+PostgreSQL tests use the server in ``MERGEKIT_TEST_POSTGRES`` (``.ci/run``
+starts a throwaway cluster with ``.ci/with-postgres`` and exports it). Without
+it they skip and say why; with ``MERGEKIT_REQUIRE_POSTGRES=1`` (set by
+``.ci/run``) they fail instead, so CI never passes by skipping them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import secrets
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trustme
 
-from mergekit.ledger import Ledger, SqliteLedger
+from mergekit.ledger import Ledger, open_ledger
 from tests.smtpd import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +55,115 @@ def smtps_server(certificate_authority: trustme.CA, tmp_path: Path) -> Iterator[
     server.stop()
 
 
+POSTGRES_ENV = "MERGEKIT_TEST_POSTGRES"
+REQUIRE_ENV = "MERGEKIT_REQUIRE_POSTGRES"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL server URL the tests may create databases on (a superuser's)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if url:
+        return url
+    reason = (
+        f"needs PostgreSQL: set {POSTGRES_ENV} to a server URL, or run the tests under "
+        ".ci/with-postgres (which starts a throwaway cluster)"
+    )
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but this test {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh ledger, closed after the test."""
-    opened = SqliteLedger(str(tmp_path / "ledger.db"))
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL to a new, empty database, dropped after the test."""
+    import psycopg
+
+    name = f"mergekit_test_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    parts = urlsplit(postgres_server)
+    yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh ledger lives: a SQLite file in ``tmp_path``, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def ledger(ledger_location: str) -> Iterator[Ledger]:
+    """An open, empty ledger on each engine in turn; closed after the test."""
+    opened = open_ledger(ledger_location)
     yield opened
     opened.close()
+
+
+@dataclass
+class SmtpSink:
+    """What the SMTP sink received: one ``(monotonic time, recipient, Message-ID)`` per recipient."""
+
+    port: int
+    delay: float = 0.0  # seconds to hold each DATA reply: slows the senders
+    received: list[tuple[float, str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        found = re.search(rb"(?im)^Message-ID:\s*(\S+)", envelope.content)
+        message_id = found.group(1).decode() if found else ""
+        now = time.monotonic()
+        with self.lock:
+            for recipient in envelope.rcpt_tos:
+                self.received.append((now, recipient, message_id))
+        return "250 2.0.0 OK"
+
+    def snapshot(self) -> list[tuple[float, str, str]]:
+        with self.lock:
+            return list(self.received)
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real aiosmtpd server on 127.0.0.1, port 0, in a thread of its own."""
+    from aiosmtpd.smtp import SMTP
+
+    loop = asyncio.new_event_loop()
+    sink = SmtpSink(port=0)
+    sessions: list[SMTP] = []
+
+    def session() -> SMTP:
+        sessions.append(SMTP(sink, hostname="localhost", loop=loop, ident="mergekit test sink"))
+        return sessions[-1]
+
+    server = loop.run_until_complete(loop.create_server(session, "127.0.0.1", 0))
+    sink.port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, name="smtp-sink", daemon=True)
+    thread.start()
+    yield sink
+
+    async def shutdown() -> None:
+        server.close()
+        await server.wait_closed()
+        for smtp in sessions:
+            if smtp.transport is not None:
+                smtp.transport.close()
+        await asyncio.sleep(0.05)
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
 
 
 def run_cli(

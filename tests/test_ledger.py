@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mergekit.errors import LedgerBusyError, LedgerError
-from mergekit.ledger import STATES, Campaign, Ledger, RowUpdate, SqliteLedger
+from mergekit.ledger import STATES, Campaign, Ledger, RowUpdate, SqliteLedger, open_ledger
 from mergekit.source import SourceRow
 
 
@@ -92,16 +92,26 @@ def test_deferred_rows_are_claimed_only_when_due(ledger: Ledger) -> None:
     assert [r.row for r in ledger.claim(campaign, 10, states=["deferred"], due_before=None)] == [2]
 
 
-def test_recover_turns_sending_into_unknown_and_counts_it(ledger: Ledger) -> None:
-    campaign = open_campaign(ledger)
-    ledger.ingest(campaign, [rows(4)])
-    ledger.claim(campaign, 3, states=["pending"], due_before=None)
-    assert ledger.recover(campaign) == 3
-    counts = ledger.counts(campaign)
-    assert (counts["unknown"], counts["sending"], counts["pending"]) == (3, 0, 1)
-    assert ledger.recovered_unknown(campaign) == 3
-    again = ledger.claim(campaign, 10, states=["unknown"], due_before=None)
-    assert [r.previous for r in again] == ["unknown"] * 3
+def test_recover_turns_sending_into_unknown_and_counts_it(ledger_location: str) -> None:
+    """Rows a dead process held become unknown (PostgreSQL: once their lease has expired)."""
+    postgres = ledger_location.startswith("postgresql")
+    dying = open_ledger(f"{ledger_location}?lease=0.5" if postgres else ledger_location)
+    campaign = open_campaign(dying)
+    dying.ingest(campaign, [rows(4)])
+    dying.claim(campaign, 3, states=["pending"], due_before=None)
+    dying.close()
+    if postgres:
+        time.sleep(0.8)
+    ledger = open_ledger(ledger_location)
+    try:
+        assert ledger.recover(campaign) == 3
+        counts = ledger.counts(campaign)
+        assert (counts["unknown"], counts["sending"], counts["pending"]) == (3, 0, 1)
+        assert ledger.recovered_unknown(campaign) == 3
+        again = ledger.claim(campaign, 10, states=["unknown"], due_before=None)
+        assert [r.previous for r in again] == ["unknown"] * 3
+    finally:
+        ledger.close()
 
 
 def test_rows_recorded_at_ingest_keep_their_state_and_reason(ledger: Ledger) -> None:

@@ -1,0 +1,547 @@
+"""The PostgreSQL ledger: one campaign shared by any number of workers on any number of machines.
+
+``--ledger postgresql://user@host/db`` (``postgres://`` too) selects it. The
+states, their meaning and every command are those of :mod:`mergekit.ledger`;
+what differs is how rows are claimed and how a dead sender is noticed:
+
+- **Claiming** takes up to ``limit`` rows with ``SELECT … FOR UPDATE SKIP
+  LOCKED`` (two workers never hold the same row, and neither waits for the
+  other) and marks them ``sending`` with this worker's id and a **lease**: a
+  server-clock expiry ``lease`` seconds ahead (``?lease=SECONDS`` in the URL,
+  default :data:`DEFAULT_LEASE`).
+- **Renewing**: while this ledger holds rows in ``sending``, a background
+  thread pushes their expiry forward every third of a lease, so a batch may
+  take longer than one lease as long as its worker lives.
+- **A dead worker** stops renewing. When its lease has expired, the next
+  claim (or ``recover``) by any worker turns its rows ``unknown``; the
+  campaign's ``--unknown`` rule then resends them with the same Message-ID or
+  leaves them.
+- **Late outcomes** are fenced: a worker writes a row's outcome only while the
+  row is still its own (``worker_id``), except ``sent``, which always wins, so
+  a slow worker's "deferred" never overwrites another's delivery.
+- **One rate for the campaign**: :class:`PostgresRateLimiter` keeps the token
+  bucket in a row (``mergekit_rate``) that every worker updates per batch, so
+  ``--rate`` is the total over all workers (providers limit per account).
+
+Tables are prefixed ``mergekit_`` so the ledger can share a database; the
+schema is created on first use under an advisory lock and versioned in
+``mergekit_schema``: a ledger written by a newer mergekit is refused.
+Times shown in reports are the workers' clocks; leases and the rate bucket use
+the server's clock only, so machines' clocks need not agree for those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+
+from .errors import ConfigError, LedgerError
+from .ledger import (
+    STATES,
+    Campaign,
+    ClaimedRow,
+    IngestCounts,
+    Ledger,
+    LedgerRow,
+    RowUpdate,
+)
+from .source import SourceRow
+from .transports.base import redact_url
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
+RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
+THROTTLE_FACTOR = 0.8  # as dispatch.THROTTLE_FACTOR: a throttling reply cuts the campaign's rate
+_SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mergekit_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS mergekit_campaigns (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    template_path text NOT NULL,
+    template_source text NOT NULL,
+    template_fingerprint text NOT NULL,
+    transport text NOT NULL,
+    settings text NOT NULL DEFAULT '{}',
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mergekit_recipients (
+    id bigserial PRIMARY KEY,
+    campaign_id bigint NOT NULL REFERENCES mergekit_campaigns(id),
+    row integer NOT NULL,
+    key text NOT NULL,
+    occurrence integer NOT NULL,
+    email text NOT NULL,
+    data text NOT NULL,
+    state text NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision,
+    last_code integer,
+    last_text text NOT NULL DEFAULT '',
+    provider_id text NOT NULL DEFAULT '',
+    message_id text NOT NULL DEFAULT '',
+    unknown_count integer NOT NULL DEFAULT 0,
+    updated_at double precision,
+    worker_id text,
+    lease_expires_at timestamptz,
+    UNIQUE (campaign_id, key, occurrence)
+);
+CREATE INDEX IF NOT EXISTS mergekit_recipients_by_state ON mergekit_recipients (campaign_id, state, id);
+CREATE INDEX IF NOT EXISTS mergekit_recipients_leased
+    ON mergekit_recipients (worker_id) WHERE state = 'sending';
+CREATE TABLE IF NOT EXISTS mergekit_rate (
+    campaign_id bigint PRIMARY KEY REFERENCES mergekit_campaigns(id),
+    per_second double precision NOT NULL,
+    next_free timestamptz NOT NULL
+);
+"""
+
+_CAMPAIGN_COLUMNS = (
+    "id, name, template_path, template_source, template_fingerprint, transport, created_at, settings"
+)
+
+
+def split_ledger_url(url: str) -> tuple[str, float]:
+    """The libpq connection URL and the lease in seconds (``?lease=`` is mergekit's, not libpq's)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    lease = DEFAULT_LEASE
+    kept = []
+    for name, value in query:
+        if name != "lease":
+            kept.append((name, value))
+            continue
+        try:
+            lease = float(value)
+        except ValueError:
+            lease = 0.0
+        if lease <= 0:
+            raise ConfigError(
+                f"?lease={value!r} in {redact_url(url)} is not a positive number of seconds",
+                option="--ledger",
+                hint="Use e.g. ?lease=60",
+            )
+    scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment)), lease
+
+
+class PostgresLedger(Ledger):
+    """The shared ledger: a PostgreSQL database that many ``mergekit worker`` processes claim from."""
+
+    def __init__(self, url: str, *, worker_id: str | None = None) -> None:
+        self.path = redact_url(url)
+        conninfo, self.lease = split_ledger_url(url)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        opened: list[psycopg.Connection[Any]] = []
+        try:
+            opened.append(self._connect(conninfo))
+            # A second connection for the lease renewals and the rate bucket, so they never
+            # queue behind a claim or a commit of the sending loop.
+            opened.append(self._connect(conninfo))
+            self._db, self._side = opened
+            self._create_schema()
+        except BaseException as err:
+            for connection in opened:
+                connection.close()
+            if not isinstance(err, psycopg.Error):
+                raise
+            raise LedgerError(
+                f"cannot open the PostgreSQL ledger: {_first_line(err)}",
+                path=self.path,
+                hint="Check the --ledger URL (user, host, port, database) and that the server runs",
+            ) from None
+        self._side_lock = threading.Lock()
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
+        return psycopg.connect(conninfo, autocommit=True, application_name="mergekit", connect_timeout=10)
+
+    def _create_schema(self) -> None:
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            self._db.execute(_SCHEMA)
+            found = self._db.execute("SELECT max(version) FROM mergekit_schema").fetchone()
+            if found is None or found[0] is None:
+                self._db.execute("INSERT INTO mergekit_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif found[0] > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger was written by a newer mergekit (schema {found[0]}, "
+                    f"this one reads {SCHEMA_VERSION})",
+                    path=self.path,
+                    hint="Upgrade mergekit on this machine, or use another --ledger",
+                )
+
+    # -- campaigns -----------------------------------------------------------
+
+    def open_campaign(
+        self,
+        name: str,
+        *,
+        template_path: str,
+        template_source: str,
+        fingerprint: str,
+        transport: str,
+        allow_template_change: bool,
+        settings: dict[str, Any] | None = None,
+    ) -> Campaign:
+        now = time.time()
+        with self._db.transaction():
+            self._db.execute(
+                "INSERT INTO mergekit_campaigns (name, template_path, template_source,"
+                " template_fingerprint, transport, settings, created_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (
+                    name,
+                    template_path,
+                    template_source,
+                    fingerprint,
+                    transport,
+                    json.dumps(settings or {}),
+                    now,
+                    now,
+                ),
+            )
+            existing = self._campaign_where("name = %s FOR UPDATE", (name,))
+            assert existing is not None
+            if existing.template_fingerprint != fingerprint and not allow_template_change:
+                raise LedgerError(
+                    f"the template changed since campaign {name!r} started ({existing.template_path})",
+                    path=self.path,
+                    hint="Pass --allow-template-change to send the remaining rows with the new "
+                    "template, or --campaign NAME to start a new campaign",
+                )
+            self._db.execute(
+                "UPDATE mergekit_campaigns SET template_path = %s, template_source = %s,"
+                " template_fingerprint = %s, transport = %s, settings = %s, updated_at = %s WHERE id = %s",
+                (
+                    template_path,
+                    template_source,
+                    fingerprint,
+                    transport,
+                    json.dumps(settings or existing.settings),
+                    now,
+                    existing.id,
+                ),
+            )
+        found = self._campaign_where("name = %s", (name,))
+        assert found is not None
+        return found
+
+    def find_campaign(self, name: str | None) -> Campaign:
+        if name is not None:
+            found = self._campaign_where("name = %s", (name,))
+            if found is None:
+                names = [r[0] for r in self._db.execute("SELECT name FROM mergekit_campaigns ORDER BY name")]
+                raise LedgerError(
+                    f"there is no campaign {name!r}"
+                    + (f"; it holds {', '.join(map(repr, names))}" if names else "; it is empty"),
+                    path=self.path,
+                    hint="Name one of its campaigns with --campaign",
+                )
+            return found
+        found = self._campaign_where("true ORDER BY updated_at DESC, id DESC LIMIT 1", ())
+        if found is None:
+            raise LedgerError(
+                "the ledger holds no campaign yet",
+                path=self.path,
+                hint="Run mergekit send first, or pass the right --ledger",
+            )
+        return found
+
+    def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
+        row = self._db.execute(
+            f"SELECT {_CAMPAIGN_COLUMNS} FROM mergekit_campaigns WHERE {where}",  # type: ignore[arg-type]
+            args,
+        ).fetchone()
+        if row is None:
+            return None
+        return Campaign.from_row(row)
+
+    # -- rows ----------------------------------------------------------------
+
+    def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
+        added = known = 0
+        now = time.time()
+        for chunk in chunks:
+            with self._db.transaction(), self._db.cursor() as cursor:
+                # COPY into a scratch table, then one INSERT … ON CONFLICT: far fewer round
+                # trips than a row per statement on a million-row CSV.
+                cursor.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS mergekit_staging (row integer, key text,"
+                    " occurrence integer, email text, data text, state text, last_text text)"
+                    " ON COMMIT DELETE ROWS"
+                )
+                with cursor.copy("COPY mergekit_staging FROM STDIN") as copy:
+                    for r in chunk:
+                        copy.write_row(
+                            (
+                                r.row,
+                                r.key,
+                                r.occurrence,
+                                r.email,
+                                json.dumps(r.data, ensure_ascii=False),
+                                r.state,
+                                r.reason,
+                            )
+                        )
+                cursor.execute(
+                    "INSERT INTO mergekit_recipients (campaign_id, row, key, occurrence, email, data,"
+                    " state, last_text, updated_at) SELECT %s, row, key, occurrence, email, data, state,"
+                    " last_text, %s FROM mergekit_staging ORDER BY row"
+                    " ON CONFLICT (campaign_id, key, occurrence) DO NOTHING",
+                    (campaign.id, now),
+                )
+                inserted = max(cursor.rowcount, 0)
+            added += inserted
+            known += len(chunk) - inserted
+        return IngestCounts(added, known)
+
+    def recover(self, campaign: Campaign) -> int:
+        """Turn rows whose lease expired (their worker died or lost the server) into ``unknown``.
+
+        Rows other live workers hold are left alone: unlike SQLite, many processes
+        send one campaign at once.
+        """
+        cursor = self._db.execute(
+            "UPDATE mergekit_recipients SET state = 'unknown', unknown_count = unknown_count + 1,"
+            " lease_expires_at = NULL, last_text = 'the lease of worker ' || coalesce(worker_id, '?')"
+            " || ' expired while sending: the message may or may not have left', updated_at = %s"
+            " WHERE id IN (SELECT id FROM mergekit_recipients WHERE campaign_id = %s"
+            " AND state = 'sending' AND (lease_expires_at IS NULL OR lease_expires_at < clock_timestamp())"
+            " FOR UPDATE SKIP LOCKED)",
+            (time.time(), campaign.id),
+        )
+        if cursor.rowcount:
+            log.warning("%d rows of a worker whose lease expired are now unknown", cursor.rowcount)
+        return max(cursor.rowcount, 0)
+
+    def claim(
+        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+    ) -> list[ClaimedRow]:
+        self.recover(campaign)
+        claimed: list[ClaimedRow] = []
+        now = time.time()
+        with self._db.transaction():
+            for state in states:
+                if len(claimed) >= limit:
+                    break
+                due = "AND next_attempt_at <= %(due)s" if state == "deferred" and due_before else ""
+                rows = self._db.execute(
+                    "WITH picked AS (SELECT id FROM mergekit_recipients"  # type: ignore[arg-type]
+                    f" WHERE campaign_id = %(campaign)s AND state = %(state)s {due}"
+                    " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                    " UPDATE mergekit_recipients r SET state = 'sending', worker_id = %(worker)s,"
+                    " lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s),"
+                    " updated_at = %(now)s FROM picked WHERE r.id = picked.id"
+                    " RETURNING r.id, r.row, r.key, r.data, r.attempts",
+                    {
+                        "campaign": campaign.id,
+                        "state": state,
+                        "due": due_before,
+                        "limit": limit - len(claimed),
+                        "worker": self.worker_id,
+                        "lease": self.lease,
+                        "now": now,
+                    },
+                ).fetchall()
+                claimed.extend(ClaimedRow(i, r, k, json.loads(d), a, state) for i, r, k, d, a in rows)
+        if claimed:
+            self._start_renewing()
+        claimed.sort(key=lambda row: row.id)
+        return claimed
+
+    def record(self, campaign: Campaign, updates: Sequence[RowUpdate]) -> None:
+        now = time.time()
+        with self._db.transaction(), self._db.cursor() as cursor:
+            cursor.executemany(
+                "UPDATE mergekit_recipients SET state = %(state)s, attempts = attempts + %(attempted)s,"
+                " last_code = %(code)s, last_text = %(text)s,"
+                " provider_id = COALESCE(%(provider_id)s, provider_id),"
+                " message_id = COALESCE(%(message_id)s, message_id),"
+                " next_attempt_at = %(next_attempt_at)s, updated_at = %(now)s, worker_id = %(worker)s,"
+                " lease_expires_at = CASE WHEN %(state)s = 'sending'"
+                "   THEN clock_timestamp() + make_interval(secs => %(lease)s) END"
+                " WHERE id = %(id)s AND campaign_id = %(campaign)s"
+                # The fence: a row another worker took over after our lease expired keeps that
+                # worker's outcome, unless ours is a delivery.
+                " AND (worker_id = %(worker)s OR %(state)s = 'sent')",
+                [
+                    {
+                        "state": u.state,
+                        "attempted": int(u.attempted),
+                        "code": u.code,
+                        "text": u.text,
+                        "provider_id": u.provider_id,
+                        "message_id": u.message_id,
+                        "next_attempt_at": u.next_attempt_at,
+                        "now": now,
+                        "worker": self.worker_id,
+                        "lease": self.lease,
+                        "id": u.id,
+                        "campaign": campaign.id,
+                    }
+                    for u in updates
+                ],
+            )
+            if 0 <= cursor.rowcount < len(updates):
+                log.warning(
+                    "%d outcomes not recorded: another worker took those rows over after this "
+                    "worker's lease expired",
+                    len(updates) - cursor.rowcount,
+                )
+
+    def counts(self, campaign: Campaign) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for state, count in self._db.execute(
+            "SELECT state, count(*) FROM mergekit_recipients WHERE campaign_id = %s GROUP BY state",
+            (campaign.id,),
+        ):
+            counts[state] = count
+        return counts
+
+    def recovered_unknown(self, campaign: Campaign) -> int:
+        found = self._db.execute(
+            "SELECT count(*) FROM mergekit_recipients WHERE campaign_id = %s AND unknown_count > 0",
+            (campaign.id,),
+        ).fetchone()
+        return int(found[0]) if found else 0
+
+    def next_due(self, campaign: Campaign) -> float | None:
+        found = self._db.execute(
+            "SELECT min(next_attempt_at) FROM mergekit_recipients"
+            " WHERE campaign_id = %s AND state = 'deferred'",
+            (campaign.id,),
+        ).fetchone()
+        return float(found[0]) if found and found[0] is not None else None
+
+    def rows(self, campaign: Campaign, states: Sequence[str] | None = None) -> Iterator[LedgerRow]:
+        where = "campaign_id = %s"
+        args: list[Any] = [campaign.id]
+        if states:
+            where += " AND state = ANY(%s)"
+            args.append(list(states))
+        # A server-side cursor: a million-row report streams instead of loading at once.
+        with self._db.transaction(), self._db.cursor(name="mergekit_report") as cursor:
+            cursor.itersize = 2000
+            cursor.execute(
+                "SELECT row, key, email, state, attempts, last_code, last_text, provider_id,"  # type: ignore[arg-type]
+                f" message_id, next_attempt_at, unknown_count, updated_at FROM mergekit_recipients"
+                f" WHERE {where} ORDER BY row, occurrence",
+                args,
+            )
+            for record in cursor:
+                yield LedgerRow(*record)
+
+    # -- workers, leases, rate -------------------------------------------------
+
+    def lock_for_send(self, campaign: Campaign) -> None:
+        """Nothing to hold: any number of workers send one campaign, each row under its own lease."""
+
+    def is_locked(self, campaign: Campaign) -> bool:
+        """True while some worker holds a live lease on a row of the campaign."""
+        found = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM mergekit_recipients WHERE campaign_id = %s"
+            " AND state = 'sending' AND lease_expires_at > clock_timestamp())",
+            (campaign.id,),
+        ).fetchone()
+        return bool(found and found[0])
+
+    def rate_limiter(self, campaign: Campaign, per_second: float | None) -> PostgresRateLimiter | None:
+        """The campaign's shared token bucket at ``per_second`` (which this call sets), or None."""
+        if not per_second:
+            return None
+        with self._side_lock:
+            self._side.execute(
+                "INSERT INTO mergekit_rate (campaign_id, per_second, next_free)"
+                " VALUES (%s, %s, clock_timestamp())"
+                " ON CONFLICT (campaign_id) DO UPDATE SET per_second = EXCLUDED.per_second",
+                (campaign.id, per_second),
+            )
+        return PostgresRateLimiter(self, campaign.id, per_second)
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_leases, name="lease-renewal", daemon=True)
+            self._renewer.start()
+
+    def _renew_leases(self) -> None:
+        while not self._stop_renewing.wait(self.lease / RENEWALS_PER_LEASE):
+            try:
+                with self._side_lock:
+                    self._side.execute(
+                        "UPDATE mergekit_recipients"
+                        " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
+                        " WHERE worker_id = %s AND state = 'sending'",
+                        (self.lease, self.worker_id),
+                    )
+            except psycopg.Error as err:  # the next renewal may succeed; the lease has slack
+                log.warning("could not renew this worker's leases: %s", _first_line(err))
+
+    def close(self) -> None:
+        self._stop_renewing.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+        self._side.close()
+        self._db.close()
+
+
+class PostgresRateLimiter:
+    """A token bucket shared by every worker of a campaign: one row, updated once per batch.
+
+    Each ``acquire(n)`` moves the row's ``next_free`` time forward by ``n / rate``
+    (from now, if it lay in the past) and returns when this batch's slot starts,
+    so the campaign's total rate holds however many workers take slots. The
+    server's clock is the only clock involved.
+    """
+
+    def __init__(self, ledger: PostgresLedger, campaign_id: int, per_second: float) -> None:
+        self._ledger = ledger
+        self._campaign_id = campaign_id
+        self.per_second: float | None = per_second
+
+    async def acquire(self, count: int) -> None:
+        wait = await asyncio.to_thread(self._reserve, count)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _reserve(self, count: int) -> float:
+        with self._ledger._side_lock:
+            found = self._ledger._side.execute(
+                "WITH now AS (SELECT clock_timestamp() AS t) UPDATE mergekit_rate r"
+                " SET next_free = greatest(r.next_free, now.t) + make_interval(secs => %s / r.per_second)"
+                " FROM now WHERE r.campaign_id = %s"
+                " RETURNING extract(epoch FROM r.next_free - now.t)::float8 - %s / r.per_second",
+                (count, self._campaign_id, count),
+            ).fetchone()
+        return float(found[0]) if found else 0.0
+
+    def throttle(self, retry_after: float | None) -> None:
+        """A throttling reply: every worker pauses ``retry_after`` and the campaign's rate drops."""
+        with self._ledger._side_lock:
+            self._ledger._side.execute(
+                "UPDATE mergekit_rate SET per_second = per_second * %s,"
+                " next_free = greatest(next_free, clock_timestamp() + make_interval(secs => %s))"
+                " WHERE campaign_id = %s",
+                (THROTTLE_FACTOR, retry_after or 0.0, self._campaign_id),
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
