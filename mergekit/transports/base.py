@@ -169,7 +169,11 @@ def redact_url(text: str) -> str:
         f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else f"{k}={v}"
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and text.startswith(f"{parts.scheme}://"):
+        # urlunsplit drops an empty authority: keep "null://" and "maildir://outbox" as written.
+        redacted = redacted.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)
+    return redacted
 
 
 class Transport(ABC):
