@@ -186,7 +186,8 @@ class CssPlan:
 def plan_css(source: str, *, folder: Path, path: str) -> CssPlan:
     """Inline the template's CSS once if that is safe, else prepare per-row inlining.
 
-    Linked stylesheets must be local files inside the template's folder; remote
+    Linked stylesheets must be local files inside ``folder`` (the template's, or
+    ``--attachments-dir``); remote
     ones are left alone (no network access while rendering) and keep their link.
 
     :raises TemplateError: a linked local stylesheet is missing or outside the folder.
@@ -265,9 +266,9 @@ def _read_stylesheet(href: str, *, folder: Path, path: str) -> str:
     target = (base / href.split("?", 1)[0].split("#", 1)[0]).resolve()
     if not target.is_relative_to(base):
         raise TemplateError(
-            f"stylesheet {href!r} is outside the template's folder {base}",
+            f"stylesheet {href!r} is outside the folder {base}",
             path=path,
-            hint="Keep linked stylesheets next to the template",
+            hint="Keep linked stylesheets in the template's folder, or the folder --attachments-dir names",
         )
     try:
         return target.read_text(encoding="utf-8-sig")
@@ -275,7 +276,7 @@ def _read_stylesheet(href: str, *, folder: Path, path: str) -> str:
         raise TemplateError(
             f"cannot read stylesheet {href!r} ({target})",
             path=path,
-            hint="Link a UTF-8 .css file in the template's folder",
+            hint="Link a UTF-8 .css file in the template's folder, or pass --attachments-dir with its folder",
         ) from err
 
 

@@ -137,9 +137,9 @@ class TemplateSource:
 class Template:
     """A compiled template that renders rows into messages for one campaign.
 
-    ``attachments_dir`` is where ``Attachment:`` paths resolve (default: the
-    template's folder); ``unsubscribe`` adds the List-Unsubscribe headers and
-    the ``unsubscribe_url`` template variable.
+    ``attachments_dir`` is where ``Attachment:`` paths and linked stylesheets
+    resolve, and must stay (default: the template's folder); ``unsubscribe``
+    adds the List-Unsubscribe headers and the ``unsubscribe_url`` variable.
     """
 
     def __init__(
@@ -153,8 +153,9 @@ class Template:
         self.source = source
         self.campaign = campaign
         self.unsubscribe = unsubscribe
-        folder = Path(source.path).parent
-        self.attachments = AttachmentFolder(attachments_dir if attachments_dir is not None else folder)
+        # Attachments and linked stylesheets resolve in one folder: --attachments-dir or the template's.
+        folder = Path(attachments_dir) if attachments_dir is not None else Path(source.path).parent
+        self.attachments = AttachmentFolder(folder)
         self._headers = self._compile(_environment(finalize=_mark_header_value), source.header_source, 1)
         self.kind = bodies.detect_kind(source.header_source, source.path)
         self.css: bodies.CssPlan | None = None
