@@ -117,8 +117,9 @@ def _load(filename: str, content: bytes) -> LoadedAttachment:
     content_type = content_type_for(filename)
     encoded = base64.encodebytes(content)  # 76-character lines, LF-terminated
     headers = (
-        f"Content-Type: {content_type}; {_parameter('name', filename)}\r\n"
-        f"Content-Disposition: attachment; {_parameter('filename', filename)}\r\n"
+        # Parameters on their own folded lines keep every line within 78 characters.
+        f"Content-Type: {content_type};\r\n {_parameter('name', filename)}\r\n"
+        f"Content-Disposition: attachment;\r\n {_parameter('filename', filename)}\r\n"
         "Content-Transfer-Encoding: base64\r\n\r\n"
     )
     part = headers.encode("ascii") + encoded.replace(b"\n", b"\r\n")

@@ -470,8 +470,10 @@ def _text_part(subtype: str, text: str, boundary: str) -> bytes:
 
 
 def _join_parts(boundary: str, parts: list[bytes]) -> bytes:
+    # RFC 2046 5.1.1: the CRLF before a delimiter belongs to the delimiter, so each
+    # part (which ends in CRLF) gets one more, and its last line break survives.
     delimiter = f"--{boundary}\r\n".encode("ascii")
-    return b"".join(delimiter + part for part in parts) + f"--{boundary}--\r\n".encode("ascii")
+    return b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode("ascii")
 
 
 def _multipart(
@@ -489,7 +491,7 @@ def _multipart(
         inner = _join_parts(
             alternative, [_text_part("plain", text, alternative), _text_part("html", html_text, alternative)]
         )
-        first = f'Content-Type: multipart/alternative; boundary="{alternative}"\r\n\r\n'.encode() + inner
+        first = f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode() + inner
         if not attached:
             return f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"', inner
     else:
