@@ -435,8 +435,9 @@ def _fold(name: str, value: str) -> str:
 def _fold_ascii(line: str) -> str:
     lines: list[str] = []
     current = ""
-    for word in line.split(" "):
-        if current and len(current) + 1 + len(word) > SOFT_LINE_LIMIT:
+    for index, word in enumerate(line.split(" ")):
+        # Never fold right after "Name:": some parsers then read a value starting with a space.
+        if index > 1 and current and len(current) + 1 + len(word) > SOFT_LINE_LIMIT:
             lines.append(current)
             current = " " + word
         else:

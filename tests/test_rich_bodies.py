@@ -160,8 +160,12 @@ def test_css_inlined_once_for_the_template(tmp_path: Path) -> None:
 
 
 def test_css_falls_back_to_per_row_when_style_is_templated(tmp_path: Path) -> None:
-    body = "<html><head><style>p { color: {{ colour }} }</style></head><body><p>{{ name }}</p></body></html>\n"
-    source = TemplateSource.parse(HEADERS + "Content-Type: text/html\n\n" + body, path=str(tmp_path / "t.txt"))
+    body = (
+        "<html><head><style>p { color: {{ colour }} }</style></head><body><p>{{ name }}</p></body></html>\n"
+    )
+    source = TemplateSource.parse(
+        HEADERS + "Content-Type: text/html\n\n" + body, path=str(tmp_path / "t.txt")
+    )
     template = Template(source, campaign="c")
     assert template.css is not None and template.css.per_row
     data = {"name": "A", "email": "a@example.com", "city": "X", "colour": "red"}

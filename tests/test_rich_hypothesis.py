@@ -17,7 +17,9 @@ HTML_TEMPLATE = (
     "From: a@example.com\nTo: r@example.com\nSubject: s\nContent-Type: text/html\n\n"
     '<html><head><style>p { color: red }</style></head><body><p title="{{ v }}">{{ v }}</p></body></html>\n'
 )
-MARKDOWN_TEMPLATE = "From: a@example.com\nTo: r@example.com\nSubject: s\nContent-Type: text/markdown\n\n{{ v }}\n"
+MARKDOWN_TEMPLATE = (
+    "From: a@example.com\nTo: r@example.com\nSubject: s\nContent-Type: text/markdown\n\n{{ v }}\n"
+)
 HEADER_TEMPLATE = "From: a@example.com\nTo: r@example.com\nSubject: Hello {{ v }}\nX-Note: {{ v }}\n\nbody\n"
 EXPECTED_HEADERS = ["From", "To", "Subject", "X-Note", "Date", "Message-ID", "MIME-Version", "Content-Type"]
 # What CommonMark may legitimately produce from text (emphasis, links, lists ...): never script or raw HTML.
@@ -32,7 +34,9 @@ header_template = Template(TemplateSource.parse(HEADER_TEMPLATE, path="t.txt"), 
 
 values = st.one_of(
     st.text(),
-    st.text(alphabet=st.sampled_from(list("<>&\"'/=!-[]()*_`\\\r\n \tscriptimgonerror:javascript")), max_size=60),
+    st.text(
+        alphabet=st.sampled_from(list("<>&\"'/=!-[]()*_`\\\r\n \tscriptimgonerror:javascript")), max_size=60
+    ),
     st.sampled_from(
         [
             "<script>alert(1)</script>",
