@@ -42,6 +42,17 @@ class LoadedAttachment:
 
     attachment: Attachment
     part: bytes
+    body: bytes  # the base64 lines alone, for an inline part with its own headers
+
+    def inline_part(self, content_id: str) -> bytes:
+        """The part as an inline image referenced by ``cid:content_id`` (RFC 2392)."""
+        name = self.attachment.filename
+        headers = (
+            f"Content-Type: {self.attachment.content_type};\r\n {_parameter('name', name)}\r\n"
+            f"Content-Disposition: inline;\r\n {_parameter('filename', name)}\r\n"
+            f"Content-ID: <{content_id}>\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        )
+        return headers.encode("ascii") + self.body
 
 
 class AttachmentFolder:
@@ -97,14 +108,14 @@ class AttachmentFolder:
         return loaded
 
     def _remember(self, key: tuple[str, int, int], loaded: LoadedAttachment) -> None:
-        size = len(loaded.part)
+        size = len(loaded.part) + len(loaded.body)
         if size > self._cache_limit:
             return
         self._cache[key] = loaded
         self._cached_bytes += size
         while self._cached_bytes > self._cache_limit:
             _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= len(evicted.part)
+            self._cached_bytes -= len(evicted.part) + len(evicted.body)
 
 
 def content_type_for(filename: str) -> str:
@@ -122,8 +133,8 @@ def _load(filename: str, content: bytes) -> LoadedAttachment:
         f"Content-Disposition: attachment;\r\n {_parameter('filename', filename)}\r\n"
         "Content-Transfer-Encoding: base64\r\n\r\n"
     )
-    part = headers.encode("ascii") + encoded.replace(b"\n", b"\r\n")
-    return LoadedAttachment(Attachment(filename, content_type, content), part)
+    body = encoded.replace(b"\n", b"\r\n")
+    return LoadedAttachment(Attachment(filename, content_type, content), headers.encode("ascii") + body, body)
 
 
 def _parameter(name: str, value: str) -> str:

@@ -238,14 +238,14 @@ class Template:
         envelope_from = ""
         envelope_to: list[str] = []
         message_id_domain = "mergekit.invalid"
-        attached: list[LoadedAttachment] = []
+        attached: list[tuple[str, LoadedAttachment]] = []
         for name, value in headers:
             lowered = name.lower()
             if lowered in GENERATED_HEADERS and lowered != "bcc":
                 continue
             if lowered == ATTACHMENT_HEADER:
                 try:
-                    attached.append(self.attachments.load(value))
+                    attached.append((value.strip(), self.attachments.load(value)))
                 except AttachmentRefused as err:
                     raise RenderError(str(err), row=row, key=key, header=name) from None
                 continue
@@ -297,7 +297,7 @@ class Template:
             text=text,
             html=html,
             raw=raw,
-            attachments=tuple(item.attachment for item in attached),
+            attachments=tuple(item.attachment for _, item in attached),
         )
 
 
@@ -470,6 +470,10 @@ def _text_part(subtype: str, text: str, boundary: str) -> bytes:
     return head.encode("ascii") + body
 
 
+def _escape_attribute(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&#34;").replace("'", "&#39;").replace("<", "&lt;")
+
+
 def _join_parts(boundary: str, parts: list[bytes]) -> bytes:
     # RFC 2046 5.1.1: the CRLF before a delimiter belongs to the delimiter, so each
     # part (which ends in CRLF) gets one more, and its last line break survives.
@@ -478,24 +482,46 @@ def _join_parts(boundary: str, parts: list[bytes]) -> bytes:
 
 
 def _multipart(
-    message_id: str, text: str, html: str | None, attached: list[LoadedAttachment]
+    message_id: str, text: str, html: str | None, attached: list[tuple[str, LoadedAttachment]]
 ) -> tuple[str, bytes]:
     """The ``Content-Type`` header line and body of a multipart message (RFC 2046 5.1).
 
     Boundaries start with ``=_``, which quoted-printable and base64 bodies cannot
     contain; 7bit parts that happen to contain one are sent quoted-printable.
+
+    An attachment whose ``Attachment:`` value the HTML names as an image source
+    (``<img src="logo.png">``, mailmerge's inline images) becomes an inline part
+    of a ``multipart/related`` HTML part and the ``src`` becomes ``cid:`` (RFC 2387, 2392).
     """
     seed = hashlib.sha256(message_id.encode()).hexdigest()[:24]
-    alternative, mixed = f"=_alt_{seed}", f"=_mix_{seed}"
+    alternative, mixed, related = f"=_alt_{seed}", f"=_mix_{seed}", f"=_rel_{seed}"
+    inline: list[bytes] = []
+    if html is not None and attached:
+        kept = []
+        for index, (value, item) in enumerate(attached):
+            source = re.compile(
+                r"""(\ssrc\s*=\s*["'])""" + re.escape(_escape_attribute(value)) + r"""(["'])"""
+            )
+            if source.search(html):
+                content_id = f"part{index}.{seed}@mergekit"
+                html = source.sub(lambda m, cid=content_id: f"{m.group(1)}cid:{cid}{m.group(2)}", html)
+                inline.append(item.inline_part(content_id))
+            else:
+                kept.append((value, item))
+        attached = kept
     if html is not None:
         html_text = html.replace("\r\n", "\n").replace("\r", "\n")
-        inner = _join_parts(
-            alternative, [_text_part("plain", text, alternative), _text_part("html", html_text, alternative)]
-        )
+        html_part = _text_part("html", html_text, alternative)
+        if inline:
+            html_part = (
+                f'Content-Type: multipart/related;\r\n boundary="{related}"\r\n\r\n'.encode()
+                + _join_parts(related, [_text_part("html", html_text, related), *inline])
+            )
+        inner = _join_parts(alternative, [_text_part("plain", text, alternative), html_part])
         first = f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode() + inner
         if not attached:
             return f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"', inner
     else:
         first = _text_part("plain", text, mixed)
-    body = _join_parts(mixed, [first, *(item.part for item in attached)])
+    body = _join_parts(mixed, [first, *(item.part for _, item in attached)])
     return f'Content-Type: multipart/mixed;\r\n boundary="{mixed}"', body
