@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
-import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -22,7 +22,9 @@ CSV = (
     "ada@example.com,Ada Lovelace,Ada,København,report.pdf\n"
     "bob@example.com,Bob Smith,Bob <b>,Paris,report.pdf\n"
 )
-HEADERS = "From: Ünïcode Sender <sender@example.com>\nTo: {{ name }} <{{ email }}>\nSubject: Nyheder fra {{ city }}\n"
+HEADERS = (
+    "From: Ünïcode Sender <sender@example.com>\nTo: {{ name }} <{{ email }}>\nSubject: Nyheder fra {{ city }}\n"
+)
 
 
 @pytest.fixture
@@ -105,7 +107,8 @@ def test_attachments_wrap_alternative_in_mixed_byte_identical(tmp_path: Path, in
     (tmp_path / "report.pdf").write_bytes(payload)
     (tmp_path / "Übersicht été.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
     template = HEADERS + (
-        "Attachment: {{ doc }}\nATTACHMENT: Übersicht été.png\nContent-Type: text/html\n\n<p>Hi {{ name }}</p>\n"
+        "Attachment: {{ doc }}\nATTACHMENT: Übersicht été.png\nContent-Type: text/html\n\n"
+        "<p>Hi {{ name }}</p>\n"
     )
     _send(tmp_path, inbox, "invoice.txt", template)
     message = inbox.messages[0].parsed(strict=True)
