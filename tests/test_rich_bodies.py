@@ -23,7 +23,9 @@ CSV = (
     "bob@example.com,Bob Smith,Bob <b>,Paris,report.pdf\n"
 )
 HEADERS = (
-    "From: Ünïcode Sender <sender@example.com>\nTo: {{ name }} <{{ email }}>\nSubject: Nyheder fra {{ city }}\n"
+    "From: Ünïcode Sender <sender@example.com>\n"
+    "To: {{ name }} <{{ email }}>\n"
+    "Subject: Nyheder fra {{ city }}\n"
 )
 
 
