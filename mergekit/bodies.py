@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
+from html import unescape
 from pathlib import Path
 
 import css_inline
@@ -293,26 +293,35 @@ _SKIPPED = frozenset({"style", "script", "head", "title", "template", "noscript"
 _SPACES = re.compile(r"[ \t\r\n\f\v]+")
 
 
-class _TextExtractor(HTMLParser):
+class _TextExtractor:
+    """Turns a stream of tags and text into readable plain text (see :func:`html_to_text`)."""
+
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
         self.out: list[str] = []
-        self.skip = 0
         self.pre = 0
         self.links: list[tuple[str, int]] = []
         self.lists: list[list[int]] = []  # per open list: [is_ordered, counter]
 
     def _break(self, count: int = 1) -> None:
-        text = "".join(self.out).rstrip(" ")
-        trailing = len(text) - len(text.rstrip("\n"))
-        self.out = [text]
-        if text and trailing < count:
-            self.out.append("\n" * (count - trailing))
+        """End the current line, leaving at least ``count`` line breaks (none at the very start)."""
+        out = self.out
+        newlines = 0
+        while out:
+            last = out[-1]
+            kept = last.rstrip(" \n")
+            newlines += last.count("\n", len(kept))
+            if kept:
+                out[-1] = kept
+                break
+            out.pop()
+        if out:
+            out.append("\n" * max(count, min(newlines, 2)))
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIPPED:
-            self.skip += 1
-        elif tag == "br":
+    def _ends_with(self, suffixes: tuple[str, ...]) -> bool:
+        return bool(self.out) and self.out[-1].endswith(suffixes)
+
+    def start(self, tag: str, attributes: str) -> None:
+        if tag == "br":
             self.out.append("\n")
         elif tag in ("ul", "ol"):
             self._break(1 if self.lists else 2)
@@ -326,7 +335,7 @@ class _TextExtractor(HTMLParser):
             else:
                 self.out.append("   " * depth + "- ")
         elif tag in ("td", "th"):
-            if self.out and not "".join(self.out[-1:]).endswith(("\n", " ")):
+            if self.out and not self._ends_with(("\n", " ")):
                 self.out.append("  ")
         elif tag in _BLOCKS:
             self._break(1 if tag in ("tr", "dt", "dd") else 2)
@@ -336,16 +345,14 @@ class _TextExtractor(HTMLParser):
                 self.out.append("-" * 20)
                 self._break(2)
         elif tag == "a":
-            self.links.append((dict(attrs).get("href") or "", len(self.out)))
+            self.links.append((unescape(_attributes(attributes).get("href", "")), len(self.out)))
         elif tag == "img":
-            alt = dict(attrs).get("alt")
+            alt = unescape(_attributes(attributes).get("alt", ""))
             if alt:
                 self.out.append(alt)
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIPPED:
-            self.skip = max(self.skip - 1, 0)
-        elif tag in ("ul", "ol"):
+    def end(self, tag: str) -> None:
+        if tag in ("ul", "ol"):
             if self.lists:
                 self.lists.pop()
             self._break(1 if self.lists else 2)
@@ -359,25 +366,60 @@ class _TextExtractor(HTMLParser):
                 self.pre = max(self.pre - 1, 0)
             self._break(1 if tag in ("tr", "dt", "dd") else 2)
 
-    def handle_data(self, data: str) -> None:
-        if self.skip:
-            return
+    def data(self, raw: str) -> None:
+        data = unescape(raw) if "&" in raw else raw
         if self.pre:
             self.out.append(data)
             return
         text = _SPACES.sub(" ", data)
-        if text == " " and (not self.out or "".join(self.out[-1:]).endswith(("\n", " "))):
+        if text == " " and (not self.out or self._ends_with(("\n", " "))):
             return
-        if "".join(self.out[-1:]).endswith("\n"):
+        if self._ends_with(("\n",)):
             text = text.lstrip(" ")
-        self.out.append(text)
+        if text:
+            self.out.append(text)
+
+
+# A tag, comment, declaration or processing instruction; attribute values may hold ">".
+_TOKEN = re.compile(
+    r"""<!--.*?(?:-->|\Z)|<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:[^>"']|"[^"]*"|'[^']*')*)>|<[!?][^>]*>""", re.S
+)
 
 
 def html_to_text(html: str) -> str:
-    """A readable plain-text rendering of ``html``: paragraphs, lists, ``text (url)`` links."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    lines = [line.rstrip() for line in "".join(parser.out).split("\n")]
+    """A readable plain-text rendering of ``html``: paragraphs, lists, ``text (url)`` links.
+
+    A regular-expression tokenizer (in C) rather than :class:`html.parser.HTMLParser`
+    (pure Python): the text part is derived for every row, and this is most of
+    an HTML message's render time.
+    """
+    extractor = _TextExtractor()
+    position = 0
+    lowered: str | None = None
+    length = len(html)
+    while position < length:
+        match = _TOKEN.search(html, position)
+        if match is None:
+            extractor.data(html[position:])
+            break
+        if match.start() > position:
+            extractor.data(html[position : match.start()])
+        position = match.end()
+        tag = match.group(2)
+        if tag is None:
+            continue  # comment, doctype, processing instruction
+        tag = tag.lower()
+        if match.group(1):
+            extractor.end(tag)
+        elif tag in _SKIPPED:
+            # Skip to the element's end tag: its content (CSS, script) is not text.
+            lowered = lowered if lowered is not None else html.lower()
+            close = lowered.find(f"</{tag}", position)
+            if close < 0:
+                break
+            position = lowered.find(">", close) + 1 or length
+        else:
+            extractor.start(tag, match.group(3))
+    lines = [line.rstrip() for line in "".join(extractor.out).split("\n")]
     text = "\n".join(lines).strip("\n")
     return re.sub(r"\n{3,}", "\n\n", text) + "\n"
