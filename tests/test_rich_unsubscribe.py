@@ -175,3 +175,45 @@ def test_resume_reapplies_suppression_even_when_the_csv_changes(files: Path, inb
     )
     assert len(inbox.messages) == 1, "a suppressed address under a new key was sent"
     assert report.run.counts["suppressed"] == 4
+
+
+def test_retry_renders_with_the_campaigns_content_options(
+    files: Path, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_VARIABLE, "s3cret")
+    assets = files / "assets"
+    assets.mkdir()
+    (assets / "card.pdf").write_bytes(b"%PDF card")
+    (files / "news.txt").write_text(
+        TEMPLATE.replace("Subject: News\n", "Subject: News\nAttachment: card.pdf\n")
+    )
+    content = campaign.ContentOptions(
+        attachments_dir=str(assets), unsubscribe_url="https://example.com/u/{token}"
+    )
+    campaign.send(
+        files / "people.csv",
+        files / "news.txt",
+        transport=inbox.url,
+        ledger_path=str(files / "l.db"),
+        content=content,
+    )
+    ledger = open_ledger(str(files / "l.db"))
+    record = ledger.find_campaign(None)
+    (row,) = [
+        r for r in ledger.claim(record, 10, states=["sent"], due_before=None) if r.key == "bob@example.com"
+    ]
+    ledger.record(record, [RowUpdate(row.id, "deferred", next_attempt_at=0)])
+    ledger.record(
+        record,
+        [RowUpdate(r.id, "sent") for r in ledger.claim(record, 10, states=["sending"], due_before=None)],
+    )
+    ledger.close()
+    inbox.messages.clear()
+    report = campaign.retry(ledger_path=str(files / "l.db"), transport=inbox.url)
+    assert report.run.this_run["sent"] == 1
+    message = inbox.messages[0].parsed(strict=True)
+    assert (
+        message["List-Unsubscribe"]
+        == f"<https://example.com/u/{_token('s3cret', 'people-news', 'bob@example.com')}>"
+    )
+    assert [a.get_filename() for a in message.iter_attachments()] == ["card.pdf"]
