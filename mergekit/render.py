@@ -208,9 +208,13 @@ class Template:
 
     def render(self, data: Mapping[str, str], *, row: int, key: str) -> Message:
         """Render one row; raise :class:`RenderError` naming the variable, header or file at fault."""
-        if self.unsubscribe is not None and self.unsubscribe.url:
-            email = next((v for k, v in data.items() if k.lower() == "email"), key)
-            data = {**data, "unsubscribe_url": self.unsubscribe.url_for(self.campaign, key, email)}
+        unsubscribe_email = ""
+        if self.unsubscribe is not None:
+            # {email} in the unsubscribe URL: the row's "email" column, else the recipient key.
+            unsubscribe_email = next((v for k, v in data.items() if k.lower() == "email"), key).strip()
+            if self.unsubscribe.url:
+                url = self.unsubscribe.url_for(self.campaign, key, unsubscribe_email)
+                data = {**data, "unsubscribe_url": url}
         try:
             header_text = self._headers.render(data)
             body = self._body.render(data) if self._body is not None else None
@@ -228,10 +232,19 @@ class Template:
             html = self.css.inliner.inline(html)
         if html is not None and body is None:
             body = bodies.html_to_text(html)
-        return self._build(headers, body or "", row=row, key=key, html=html)
+        return self._build(
+            headers, body or "", row=row, key=key, html=html, unsubscribe_email=unsubscribe_email
+        )
 
     def _build(
-        self, headers: list[tuple[str, str]], body: str, *, row: int, key: str, html: str | None = None
+        self,
+        headers: list[tuple[str, str]],
+        body: str,
+        *,
+        row: int,
+        key: str,
+        html: str | None = None,
+        unsubscribe_email: str = "",
     ) -> Message:
         wire: list[str] = []
         shown: list[tuple[str, str]] = []
@@ -271,7 +284,7 @@ class Template:
                 "the message has no recipient (To:, Cc: or Bcc:)", row=row, key=key, header="To"
             )
         if self.unsubscribe is not None:
-            for name, value in self.unsubscribe.headers(self.campaign, key, envelope_to[0]):
+            for name, value in self.unsubscribe.headers(self.campaign, key, unsubscribe_email):
                 wire.append(_fold(name, value))
                 shown.append((name, value))
         message_id = make_message_id(self.campaign, key, message_id_domain)

@@ -6,8 +6,8 @@ HTTPS URL, ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 3.1:
 the one-click POST needs an HTTPS URI). The URL's ``{token}`` is
 ``HMAC-SHA256(secret, campaign NUL key)``, truncated to 128 bits and written in
 URL-safe base64: the receiving endpoint recomputes it from the campaign and
-recipient key (``{campaign}``, ``{key}`` and ``{email}`` are available in the
-URL too) to check a request is genuine. The secret comes from
+recipient key (``{campaign}``, ``{key}`` and ``{email}``, the row's ``email``
+column, are available in the URL too) to check a request is genuine. The secret comes from
 :data:`SECRET_VARIABLE` only, never from an option, so it stays out of shell
 history and the ledger.
 
