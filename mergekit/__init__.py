@@ -1,6 +1,6 @@
 """mergekit: mail merge from a CSV and a Jinja template, sent in batches and recorded in a ledger."""
 
-from .campaign import PreviewItem, SendReport, preview, report, retry, send, status
+from .campaign import ContentOptions, PreviewItem, SendReport, preview, report, retry, send, status
 from .dispatch import Rate, RunResult, SendOptions
 from .errors import (
     ConfigError,
@@ -12,14 +12,17 @@ from .errors import (
     TemplateError,
     TransportError,
 )
+from .gallery import write_gallery
 from .ledger import STATES, Ledger, SqliteLedger, open_ledger
 from .render import Template, TemplateSource
 from .source import SourceOptions, read_rows
 from .transports import Message, Outcome, Status, Transport, transport_from_url
+from .unsubscribe import Unsubscribe, read_suppression
 
 __all__ = [
     "STATES",
     "ConfigError",
+    "ContentOptions",
     "InputError",
     "Ledger",
     "LedgerBusyError",
@@ -41,12 +44,15 @@ __all__ = [
     "TemplateSource",
     "Transport",
     "TransportError",
+    "Unsubscribe",
     "open_ledger",
     "preview",
     "read_rows",
+    "read_suppression",
     "report",
     "retry",
     "send",
     "status",
     "transport_from_url",
+    "write_gallery",
 ]

@@ -28,6 +28,7 @@ from .render import Template, TemplateSource
 from .source import SourceOptions, SourceRow, read_rows
 from .transports import transport_from_url
 from .transports.base import Message
+from .unsubscribe import Unsubscribe, read_suppression
 
 DEFAULT_LEDGER = "mergekit.db"
 TRANSPORT_ENV = "MERGEKIT_TRANSPORT"  # a worker's transport URL (with its secrets) when --transport is absent
@@ -36,6 +37,51 @@ TRANSPORT_ENV = "MERGEKIT_TRANSPORT"  # a worker's transport URL (with its secre
 def default_campaign_name(recipients: str | Path, template: str | Path) -> str:
     """``<recipients file stem>-<template file stem>``, e.g. ``recipients-welcome``."""
     return f"{Path(recipients).stem}-{Path(template).stem}"
+
+
+@dataclass(frozen=True)
+class ContentOptions:
+    """Rich-content options of ``send`` and ``preview``; each field is the option of the same name.
+
+    ``suppress`` lists ``--suppress`` files; the unsubscribe options need the
+    secret in ``MERGEKIT_UNSUBSCRIBE_SECRET``.
+    """
+
+    attachments_dir: str | None = None
+    unsubscribe_url: str | None = None
+    unsubscribe_mailto: str | None = None
+    suppress: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """What the ledger keeps so that ``retry`` renders the same messages (no secret)."""
+        return {
+            "attachments_dir": str(Path(self.attachments_dir).resolve()) if self.attachments_dir else None,
+            "unsubscribe_url": self.unsubscribe_url,
+            "unsubscribe_mailto": self.unsubscribe_mailto,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> ContentOptions:
+        return cls(
+            attachments_dir=settings.get("attachments_dir"),
+            unsubscribe_url=settings.get("unsubscribe_url"),
+            unsubscribe_mailto=settings.get("unsubscribe_mailto"),
+        )
+
+
+def _compile(source: TemplateSource, name: str, content: ContentOptions) -> Template:
+    """The template with the content options applied; raises ConfigError for a missing secret."""
+    unsubscribe = Unsubscribe.from_options(content.unsubscribe_url, content.unsubscribe_mailto)
+    return Template(source, campaign=name, attachments_dir=content.attachments_dir, unsubscribe=unsubscribe)
+
+
+def _check_attachments_dir(content: ContentOptions) -> None:
+    if content.attachments_dir and not Path(content.attachments_dir).is_dir():
+        raise ConfigError(
+            f"{content.attachments_dir!r} is not a folder",
+            option="--attachments-dir",
+            hint="Name the folder that holds the files the Attachment: headers name",
+        )
 
 
 @dataclass
@@ -68,6 +114,7 @@ def send(
     allow_template_change: bool = False,
     on_progress: Callable[[Counter[str]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    content: ContentOptions = ContentOptions(),
 ) -> SendReport:
     """Ingest ``recipients`` and send every sendable row; resume if the campaign exists.
 
@@ -79,9 +126,12 @@ def send(
     :raises TransportError: the transport cannot work at all; rows stay resumable.
     """
     options.check()
+    _check_attachments_dir(content)
     name = campaign or default_campaign_name(recipients, template_path)
     source_template = TemplateSource.read(template_path)
-    compiled = Template(source_template, campaign=name)
+    compiled = _compile(source_template, name, content)
+    suppressed = read_suppression(content.suppress, email_column=source.email_column)
+    source = replace(source, suppressed=suppressed)
     sender = transport_from_url(transport, concurrency=options.concurrency)
     if options.dry_run:
         with tempfile.TemporaryDirectory(prefix="mergekit-dry-run-") as scratch:
@@ -99,6 +149,7 @@ def send(
                     True,
                     on_progress,
                     on_start,
+                    content,
                 )
             finally:
                 ledger.close()
@@ -119,6 +170,7 @@ def send(
             allow_template_change,
             on_progress,
             on_start,
+            content,
         )
     finally:
         ledger.close()
@@ -136,6 +188,7 @@ def _ingest_and_dispatch(
     allow_template_change: bool,
     on_progress: Callable[[Counter[str]], None] | None,
     on_start: Callable[[int], None] | None,
+    content: ContentOptions,
 ) -> SendReport:
     record = ledger.open_campaign(
         name,
@@ -144,14 +197,22 @@ def _ingest_and_dispatch(
         fingerprint=source_template.fingerprint,
         transport=sender.url.redacted,
         allow_template_change=allow_template_change,
-        settings=campaign_settings(options),
+        settings={**campaign_settings(options), **content.settings()},
     )
     ledger.lock_for_send(record)
     counts = ledger.ingest(record, read_rows(recipients, source))
     recovered = ledger.recover(record)
+    # After recover, so rows a crash left unknown are covered too; re-applies the
+    # lists earlier runs gave, whatever the CSV says now.
+    newly_suppressed = ledger.suppress(record, source.suppressed)
     result = _dispatch(ledger, record, compiled, sender, options, on_progress, on_start)
     result.recovered_unknown = recovered
-    return SendReport(result, counts.added, counts.known)
+    report = SendReport(result, counts.added, counts.known)
+    if newly_suppressed:
+        report.notes.append(
+            f"{newly_suppressed} rows already in the ledger were suppressed by --suppress lists"
+        )
+    return report
 
 
 def _dispatch(
@@ -234,12 +295,11 @@ def retry(
                 option="--transport",
                 hint="Pass --transport with the full URL",
             )
-        compiled = Template(
-            TemplateSource.parse(record.template_source, path=record.template_path), campaign=record.name
-        )
+        compiled = _compiled(record)
         sender = transport_from_url(url, concurrency=options.concurrency)
         ledger.lock_for_send(record)
         recovered = ledger.recover(record)
+        ledger.suppress(record, {})
         result = _dispatch(ledger, record, compiled, sender, options, on_progress, on_start)
         result.recovered_unknown = recovered
         return SendReport(result)
@@ -338,6 +398,7 @@ async def _work(
                 ledger.lock_for_send(record)  # PostgreSQL: no-op; SQLite: this process alone
                 locked = True
             recovered += ledger.recover(record)
+            ledger.suppress(record, {})
             options = _joined_options(record, base)
             counts = ledger.counts(record)
             if _claimable(ledger, record, counts, options):
@@ -401,8 +462,11 @@ def _claimable(ledger: Ledger, record: Campaign, counts: dict[str, int], options
 
 
 def _compiled(record: Campaign) -> Template:
-    return Template(
-        TemplateSource.parse(record.template_source, path=record.template_path), campaign=record.name
+    """The template and content options the campaign's ``send`` recorded."""
+    return _compile(
+        TemplateSource.parse(record.template_source, path=record.template_path),
+        record.name,
+        ContentOptions.from_settings(record.settings),
     )
 
 
@@ -494,6 +558,7 @@ class PreviewItem:
     key: str
     message: Message | None
     reason: str = ""
+    state: str = "pending"  # the row's state at ingest; "invalid" when it does not render
 
 
 def preview(
@@ -504,14 +569,21 @@ def preview(
     row: int | None = None,
     campaign: str | None = None,
     source: SourceOptions = SourceOptions(),
+    content: ContentOptions = ContentOptions(),
 ) -> list[PreviewItem]:
-    """Render the first ``limit`` rows (or just data row ``row``) without sending or a ledger."""
+    """Render the first ``limit`` rows (or just data row ``row``) without sending or a ledger.
+
+    Rows that would not be sent (invalid, duplicate, suppressed) are items too,
+    with their state and reason, and count towards ``limit``.
+    """
     if limit < 1:
         raise ConfigError("must be at least 1", option="--limit")
     if row is not None and row < 1:
         raise ConfigError("rows are numbered from 1 (the first line after the header)", option="--row")
+    _check_attachments_dir(content)
     name = campaign or default_campaign_name(recipients, template_path)
-    compiled = Template.from_path(template_path, campaign=name)
+    compiled = _compile(TemplateSource.read(template_path), name, content)
+    source = replace(source, suppressed=read_suppression(content.suppress, email_column=source.email_column))
     with contextlib.closing(read_rows(recipients, source)) as chunks:
         return _preview_rows(chunks, compiled, limit, row, recipients)
 
@@ -527,7 +599,11 @@ def _preview_rows(
             if source_row.state != "pending":
                 items.append(
                     PreviewItem(
-                        source_row.row, source_row.key, None, f"{source_row.state}: {source_row.reason}"
+                        source_row.row,
+                        source_row.key,
+                        None,
+                        f"{source_row.state}: {source_row.reason}",
+                        source_row.state,
                     )
                 )
             else:
@@ -535,7 +611,11 @@ def _preview_rows(
                     message = compiled.render(source_row.data, row=source_row.row, key=source_row.key)
                     items.append(PreviewItem(source_row.row, source_row.key, message))
                 except RenderError as err:
-                    items.append(PreviewItem(source_row.row, source_row.key, None, f"invalid: {err.message}"))
+                    items.append(
+                        PreviewItem(
+                            source_row.row, source_row.key, None, f"invalid: {err.message}", "invalid"
+                        )
+                    )
             if row is not None or len(items) >= limit:
                 return items
     if row is not None:

@@ -27,10 +27,13 @@ from rich.table import Table
 from . import campaign as campaigns
 from .dispatch import Rate, SendOptions, campaign_exit_code
 from .errors import MergekitError
+from .gallery import write_gallery
 from .ledger import STATES
 from .source import DEFAULT_ENCODING, SourceOptions
+from .unsubscribe import SECRET_VARIABLE
 
 F = TypeVar("F", bound=Callable[..., Any])
+GALLERY_LIMIT = 100  # rows a gallery shows unless --limit says otherwise
 log = logging.getLogger("mergekit")
 
 
@@ -86,6 +89,56 @@ def source_options(command: F) -> F:
     )(command)
 
 
+def content_options(command: F) -> F:
+    """Options of ``preview`` and ``send`` for attachments, unsubscribe and suppression."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--attachments-dir",
+                type=click.Path(file_okay=False),
+                metavar="DIR",
+                help="Folder that Attachment: paths are relative to, and must stay inside "
+                "(default: the template's folder).",
+            ),
+            click.option(
+                "--unsubscribe-url",
+                metavar="URL",
+                help="One-click unsubscribe URL (RFC 8058), e.g. 'https://example.com/u/{token}'; "
+                f"{{token}} is signed with ${SECRET_VARIABLE}.",
+            ),
+            click.option(
+                "--unsubscribe-mailto",
+                metavar="ADDRESS",
+                help=f"Unsubscribe address for List-Unsubscribe (needs ${SECRET_VARIABLE}).",
+            ),
+            click.option(
+                "--suppress",
+                multiple=True,
+                type=click.Path(dir_okay=False),
+                metavar="FILE",
+                help="Never send to the addresses in FILE (CSV with an email column, or one per line); "
+                "repeatable.",
+            ),
+        ]
+    ):
+        command = decorator(command)
+    return command
+
+
+def _content(
+    attachments_dir: str | None,
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    suppress: tuple[str, ...],
+) -> campaigns.ContentOptions:
+    return campaigns.ContentOptions(
+        attachments_dir=attachments_dir,
+        unsubscribe_url=unsubscribe_url,
+        unsubscribe_mailto=unsubscribe_mailto,
+        suppress=tuple(suppress),
+    )
+
+
 def send_options(command: F) -> F:
     for decorator in reversed(
         [
@@ -133,23 +186,55 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("recipients", type=click.Path(dir_okay=False))
 @click.argument("template", type=click.Path(dir_okay=False))
-@click.option("--limit", default=1, show_default=True, type=int, help="How many rows to show.")
+@click.option("--limit", type=int, help=f"How many rows to show [default: 1; {GALLERY_LIMIT} with --html].")
 @click.option("--row", type=int, help="Show only this data row (1 = first line after the header).")
+@click.option(
+    "--html",
+    "html_dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Write a browsable gallery (DIR/index.html, one page per message) instead of printing.",
+)
 @source_options
+@content_options
 @_fail_cleanly
 def preview(
     recipients: str,
     template: str,
-    limit: int,
+    limit: int | None,
     row: int | None,
+    html_dir: str | None,
     email_column: str,
     key_column: str | None,
     encoding: str,
+    attachments_dir: str | None,
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    suppress: tuple[str, ...],
 ) -> None:
-    """Print messages as they would go on the wire: headers, a blank line, the body."""
+    """Print messages as they would go on the wire: headers, a blank line, the body.
+
+    With --html DIR, write a static gallery instead: an index of the previewed
+    rows (subject, state, and why a row will not be sent) and one page per
+    message (headers, HTML part, text part, attachments). Open DIR/index.html.
+    """
     items = campaigns.preview(
-        recipients, template, limit=limit, row=row, source=_source(email_column, key_column, encoding)
+        recipients,
+        template,
+        limit=limit or (GALLERY_LIMIT if html_dir else 1),
+        row=row,
+        source=_source(email_column, key_column, encoding),
+        content=_content(attachments_dir, unsubscribe_url, unsubscribe_mailto, suppress),
     )
+    if html_dir:
+        gallery = write_gallery(items, html_dir, title=f"{template} with {recipients}")
+        ready = sum(item.message is not None for item in items)
+        click.echo(
+            f"wrote {gallery}: {len(items)} rows, {ready} ready to send, {len(items) - ready} not sendable"
+        )
+        if any(item.state == "invalid" for item in items):
+            sys.exit(1)
+        return
     for index, item in enumerate(items):
         if index:
             click.echo()
@@ -158,7 +243,7 @@ def preview(
             click.echo(f"not sendable: {item.reason}")
         else:
             click.echo(item.message.raw.decode("ascii", "replace").replace("\r\n", "\n"), nl=False)
-    if any(item.message is None for item in items):
+    if any(item.state == "invalid" for item in items):
         sys.exit(1)
 
 
@@ -186,6 +271,7 @@ def preview(
     "--allow-template-change", is_flag=True, help="Resume a campaign although its template changed."
 )
 @source_options
+@content_options
 @_fail_cleanly
 def send(
     recipients: str,
@@ -204,6 +290,10 @@ def send(
     email_column: str,
     key_column: str | None,
     encoding: str,
+    attachments_dir: str | None,
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    suppress: tuple[str, ...],
 ) -> None:
     """Send a campaign (or resume it: sent rows are skipped, new rows are added)."""
     options = SendOptions(
@@ -226,6 +316,7 @@ def send(
             allow_template_change=allow_template_change,
             on_progress=on_progress,
             on_start=on_start,
+            content=_content(attachments_dir, unsubscribe_url, unsubscribe_mailto, suppress),
         )
     _show_run(report, as_json, ledger_path)
 
@@ -460,8 +551,8 @@ def _show_run(report: campaigns.SendReport, as_json: bool, ledger_path: str) -> 
     elif report.dry_run:
         click.echo(
             f"dry run: {run.this_run['would_send']} rows would be sent, "
-            f"{run.counts['invalid']} invalid, {run.counts['duplicate']} duplicate; "
-            "nothing was sent"
+            f"{run.counts['invalid']} invalid, {run.counts['duplicate']} duplicate, "
+            f"{run.counts['suppressed']} suppressed; nothing was sent"
         )
     else:
         if report.worker is not None:

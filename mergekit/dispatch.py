@@ -275,6 +275,10 @@ class Dispatcher:
             await self._record(updates)
             self.on_progress(Counter(would_send=len(rendered)))
             return
+        if not rendered:
+            # Every row of the batch was invalid: record them, or they would stay ``sending``.
+            await self._record(updates)
+            return
         await self._send_with_retries(rendered, updates)
 
     async def _send_with_retries(

@@ -10,6 +10,8 @@ States::
     pending ──claim──► sending ──► sent | deferred | failed | unknown
     deferred (due) / unknown (by --unknown resend) ──claim──► sending
     invalid, duplicate, suppressed: recorded at ingest or render, never sent
+    pending / deferred / unknown ──suppress──► suppressed (an address on a --suppress list,
+        this run's or an earlier run's: the ledger remembers every list it was given)
 
 ``sending`` is committed before the first byte of a batch leaves, and outcomes
 are committed per batch in one transaction each, so a crash can only leave rows
@@ -29,7 +31,7 @@ import os
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -155,6 +157,13 @@ class Ledger(ABC):
         """Add rows not yet recorded (by key and occurrence); leave known rows untouched."""
 
     @abstractmethod
+    def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
+        """Remember ``addresses`` (lower-cased address -> source file) for the campaign, and mark
+        every row still to send (pending, deferred, unknown) whose address is remembered
+        ``suppressed``, including addresses remembered by earlier runs; return how many rows.
+        """
+
+    @abstractmethod
     def recover(self, campaign: Campaign) -> int:
         """Turn rows left in ``sending`` by a crash into ``unknown``; return how many."""
 
@@ -240,6 +249,12 @@ CREATE TABLE IF NOT EXISTS recipients (
     unknown_count INTEGER NOT NULL DEFAULT 0,
     updated_at REAL,
     UNIQUE (campaign_id, key, occurrence)
+);
+CREATE TABLE IF NOT EXISTS suppressions (
+    campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+    email TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (campaign_id, email)
 );
 CREATE INDEX IF NOT EXISTS recipients_by_state ON recipients (campaign_id, state, next_attempt_at);
 """
@@ -394,6 +409,24 @@ class SqliteLedger(Ledger):
             added += inserted
             known += len(chunk) - inserted
         return IngestCounts(added, known)
+
+    def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO suppressions (campaign_id, email, source) VALUES (?, ?, ?)"
+                " ON CONFLICT (campaign_id, email) DO NOTHING",
+                [(campaign.id, email, source) for email, source in addresses.items()],
+            )
+            cursor = self._db.execute(
+                "UPDATE recipients SET state = 'suppressed', updated_at = ?,"
+                " last_text = 'address listed in ' || (SELECT source FROM suppressions s"
+                "  WHERE s.campaign_id = recipients.campaign_id AND s.email = lower(trim(recipients.email)))"
+                " || ' (--suppress)'"
+                " WHERE campaign_id = ? AND state IN ('pending', 'deferred', 'unknown')"
+                " AND lower(trim(email)) IN (SELECT email FROM suppressions WHERE campaign_id = ?)",
+                (time.time(), campaign.id, campaign.id),
+            )
+        return cursor.rowcount
 
     def recover(self, campaign: Campaign) -> int:
         with self._transaction():

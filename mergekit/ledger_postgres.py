@@ -40,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -104,6 +104,12 @@ CREATE TABLE IF NOT EXISTS mergekit_recipients (
 CREATE INDEX IF NOT EXISTS mergekit_recipients_by_state ON mergekit_recipients (campaign_id, state, id);
 CREATE INDEX IF NOT EXISTS mergekit_recipients_leased
     ON mergekit_recipients (worker_id) WHERE state = 'sending';
+CREATE TABLE IF NOT EXISTS mergekit_suppressions (
+    campaign_id bigint NOT NULL REFERENCES mergekit_campaigns(id),
+    email text NOT NULL,
+    source text NOT NULL,
+    PRIMARY KEY (campaign_id, email)
+);
 CREATE TABLE IF NOT EXISTS mergekit_rate (
     campaign_id bigint PRIMARY KEY REFERENCES mergekit_campaigns(id),
     per_second double precision NOT NULL,
@@ -311,6 +317,24 @@ class PostgresLedger(Ledger):
             added += inserted
             known += len(chunk) - inserted
         return IngestCounts(added, known)
+
+    def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
+        with self._db.transaction():
+            with self._db.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO mergekit_suppressions (campaign_id, email, source) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (campaign_id, email) DO NOTHING",
+                    [(campaign.id, email, source) for email, source in addresses.items()],
+                )
+            updated = self._db.execute(
+                "UPDATE mergekit_recipients r SET state = 'suppressed', updated_at = %s,"
+                " last_text = 'address listed in ' || s.source || ' (--suppress)'"
+                " FROM mergekit_suppressions s WHERE s.campaign_id = r.campaign_id"
+                " AND s.email = lower(trim(r.email)) AND r.campaign_id = %s"
+                " AND r.state IN ('pending', 'deferred', 'unknown')",
+                (time.time(), campaign.id),
+            )
+        return max(updated.rowcount, 0)
 
     def recover(self, campaign: Campaign) -> int:
         """Turn rows whose lease expired (their worker died or lost the server) into ``unknown``.

@@ -12,6 +12,12 @@ registry (which costs more than sending the message): headers are written as
 rendered, RFC 2047 encoded-words only where a value is not ASCII or cannot be
 folded, and the body is 7bit when it can be and quoted-printable otherwise
 (RFC 2045), always with CRLF line ends (RFC 5322 section 2.1).
+
+HTML and Markdown bodies (see :mod:`mergekit.bodies`) go out as
+``multipart/alternative`` (text, then HTML: RFC 2046 5.1.4 puts the preferred
+part last), wrapped in ``multipart/mixed`` when the row has attachments
+(:mod:`mergekit.attachments`). Boundaries are derived from the Message-ID, so
+a resent message is byte-identical apart from its ``Date:``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ import jinja2
 from email_validator import EmailNotValidError, validate_email
 from jinja2.sandbox import SandboxedEnvironment
 
+from . import bodies
+from .attachments import AttachmentFolder, AttachmentRefused, LoadedAttachment
 from .errors import RenderError, TemplateError
 from .transports.base import Message
+from .unsubscribe import Unsubscribe
 
 # Private-use stand-ins for characters that must never reach a header from data.
 _HEADER_MARKERS = {"\r": "\ue000", "\n": "\ue001", "\x00": "\ue002"}
@@ -46,6 +55,9 @@ RECIPIENT_HEADERS = ("to", "cc", "bcc")
 GENERATED_HEADERS = frozenset(
     {"mime-version", "content-type", "content-transfer-encoding", "bcc", "date", "message-id"}
 )
+# mailmerge's pseudo-header naming a file to attach; never written to the wire.
+ATTACHMENT_HEADER = "attachment"
+UNSUBSCRIBE_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
 # RFC 5322 2.1.1: lines SHOULD be at most 78 characters and MUST be at most 998.
 SOFT_LINE_LIMIT = 78
 HARD_LINE_LIMIT = 998
@@ -60,10 +72,10 @@ def _mark_header_value(value: Any) -> Any:
     return value
 
 
-def _environment(*, finalize: Any = None) -> SandboxedEnvironment:
+def _environment(*, finalize: Any = None, autoescape: bool = False) -> SandboxedEnvironment:
     return SandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
-        autoescape=False,
+        autoescape=autoescape,
         keep_trailing_newline=True,
         finalize=finalize,
     )
@@ -123,18 +135,66 @@ class TemplateSource:
 
 
 class Template:
-    """A compiled template that renders rows into messages for one campaign."""
+    """A compiled template that renders rows into messages for one campaign.
 
-    def __init__(self, source: TemplateSource, *, campaign: str) -> None:
+    ``attachments_dir`` is where ``Attachment:`` paths and linked stylesheets
+    resolve, and must stay (default: the template's folder); ``unsubscribe``
+    adds the List-Unsubscribe headers and the ``unsubscribe_url`` variable.
+    """
+
+    def __init__(
+        self,
+        source: TemplateSource,
+        *,
+        campaign: str,
+        attachments_dir: str | Path | None = None,
+        unsubscribe: Unsubscribe | None = None,
+    ) -> None:
         self.source = source
         self.campaign = campaign
+        self.unsubscribe = unsubscribe
+        # Attachments and linked stylesheets resolve in one folder: --attachments-dir or the template's.
+        folder = Path(attachments_dir) if attachments_dir is not None else Path(source.path).parent
+        self.attachments = AttachmentFolder(folder)
         self._headers = self._compile(_environment(finalize=_mark_header_value), source.header_source, 1)
-        self._body = self._compile(_environment(), source.body_source, source.body_line)
+        self.kind = bodies.detect_kind(source.header_source, source.path)
+        self.css: bodies.CssPlan | None = None
+        self._body: jinja2.Template | None = None  # the text part (Markdown source for Markdown)
+        self._html: jinja2.Template | None = None
+        self._markdown = False
+        parts = [bodies.SourcePart(self.kind.kind, source.body_source, source.body_line)]
+        if self.kind.kind == bodies.ALTERNATIVE:
+            assert self.kind.boundary is not None
+            parts = bodies.split_alternative(
+                source.body_source, self.kind.boundary, path=source.path, first_line=source.body_line
+            )
+        for part in parts:
+            if part.kind == bodies.HTML:
+                self.css = bodies.plan_css(part.source, folder=folder, path=source.path)
+                self._html = self._compile(_environment(autoescape=True), self.css.source, part.first_line)
+            elif part.kind == bodies.MARKDOWN and self._body is None:
+                self._markdown = self._html is None
+                self._body = self._compile(_environment(), part.source, part.first_line)
+            elif part.kind == bodies.TEXT:
+                self._body = self._compile(_environment(), part.source, part.first_line)
+                self._markdown = False
         self._date = _DateCache()
 
     @classmethod
-    def from_path(cls, path: str | Path, *, campaign: str) -> Template:
-        return cls(TemplateSource.read(path), campaign=campaign)
+    def from_path(
+        cls,
+        path: str | Path,
+        *,
+        campaign: str,
+        attachments_dir: str | Path | None = None,
+        unsubscribe: Unsubscribe | None = None,
+    ) -> Template:
+        return cls(
+            TemplateSource.read(path),
+            campaign=campaign,
+            attachments_dir=attachments_dir,
+            unsubscribe=unsubscribe,
+        )
 
     def _compile(self, env: SandboxedEnvironment, text: str, first_line: int) -> jinja2.Template:
         try:
@@ -147,10 +207,18 @@ class Template:
             ) from None
 
     def render(self, data: Mapping[str, str], *, row: int, key: str) -> Message:
-        """Render one row; raise :class:`RenderError` naming the variable or header at fault."""
+        """Render one row; raise :class:`RenderError` naming the variable, header or file at fault."""
+        unsubscribe_email = ""
+        if self.unsubscribe is not None:
+            # {email} in the unsubscribe URL: the row's "email" column, else the recipient key.
+            unsubscribe_email = next((v for k, v in data.items() if k.lower() == "email"), key).strip()
+            if self.unsubscribe.url:
+                url = self.unsubscribe.url_for(self.campaign, key, unsubscribe_email)
+                data = {**data, "unsubscribe_url": url or ""}
         try:
             header_text = self._headers.render(data)
-            body = self._body.render(data)
+            body = self._body.render(data) if self._body is not None else None
+            html = self._html.render(data) if self._html is not None else None
         except jinja2.UndefinedError as err:
             raise RenderError(
                 f"{_undefined_reason(err)} (the row has no such column)", row=row, key=key
@@ -158,17 +226,43 @@ class Template:
         except jinja2.TemplateError as err:
             raise RenderError(f"template error: {err}", row=row, key=key) from None
         headers = _parse_header_block(header_text, row=row, key=key)
-        return self._build(headers, body, row=row, key=key)
+        if self._markdown and body is not None:
+            html = bodies.markdown_to_html(body)
+        elif html is not None and self.css is not None and self.css.per_row and self.css.inliner is not None:
+            html = self.css.inliner.inline(html)
+        if html is not None and body is None:
+            body = bodies.html_to_text(html)
+        return self._build(
+            headers, body or "", row=row, key=key, html=html, unsubscribe_email=unsubscribe_email
+        )
 
-    def _build(self, headers: list[tuple[str, str]], body: str, *, row: int, key: str) -> Message:
+    def _build(
+        self,
+        headers: list[tuple[str, str]],
+        body: str,
+        *,
+        row: int,
+        key: str,
+        html: str | None = None,
+        unsubscribe_email: str = "",
+    ) -> Message:
         wire: list[str] = []
         shown: list[tuple[str, str]] = []
         envelope_from = ""
         envelope_to: list[str] = []
         message_id_domain = "mergekit.invalid"
+        attached: list[tuple[str, LoadedAttachment]] = []
         for name, value in headers:
             lowered = name.lower()
             if lowered in GENERATED_HEADERS and lowered != "bcc":
+                continue
+            if lowered == ATTACHMENT_HEADER:
+                try:
+                    attached.append((value.strip(), self.attachments.load(value)))
+                except AttachmentRefused as err:
+                    raise RenderError(str(err), row=row, key=key, header=name) from None
+                continue
+            if self.unsubscribe is not None and lowered in UNSUBSCRIBE_HEADERS:
                 continue
             if lowered in ADDRESS_HEADERS:
                 addresses = _parse_addresses(value, header=name, row=row, key=key)
@@ -189,14 +283,22 @@ class Template:
             raise RenderError(
                 "the message has no recipient (To:, Cc: or Bcc:)", row=row, key=key, header="To"
             )
+        if self.unsubscribe is not None:
+            for name, value in self.unsubscribe.headers(self.campaign, key, unsubscribe_email):
+                wire.append(_fold(name, value))
+                shown.append((name, value))
         message_id = make_message_id(self.campaign, key, message_id_domain)
         wire.append(f"Date: {self._date.now()}")
         wire.append(f"Message-ID: {message_id}")
         text = body.replace("\r\n", "\n").replace("\r", "\n")
-        body_bytes, encoding = _encode_body(text)
         wire.append("MIME-Version: 1.0")
-        wire.append('Content-Type: text/plain; charset="utf-8"')
-        wire.append(f"Content-Transfer-Encoding: {encoding}")
+        if html is None and not attached:
+            body_bytes, encoding = _encode_body(text)
+            wire.append('Content-Type: text/plain; charset="utf-8"')
+            wire.append(f"Content-Transfer-Encoding: {encoding}")
+        else:
+            content_type, body_bytes = _multipart(message_id, text, html, attached)
+            wire.append(content_type)
         raw = ("\r\n".join(wire) + "\r\n\r\n").encode("ascii") + body_bytes
         return Message(
             row=row,
@@ -206,8 +308,9 @@ class Template:
             envelope_to=tuple(dict.fromkeys(envelope_to)),
             headers=tuple(shown),
             text=text,
-            html=None,
+            html=html,
             raw=raw,
+            attachments=tuple(item.attachment for _, item in attached),
         )
 
 
@@ -351,8 +454,9 @@ def _fold(name: str, value: str) -> str:
 def _fold_ascii(line: str) -> str:
     lines: list[str] = []
     current = ""
-    for word in line.split(" "):
-        if current and len(current) + 1 + len(word) > SOFT_LINE_LIMIT:
+    for index, word in enumerate(line.split(" ")):
+        # Never fold right after "Name:": some parsers then read a value starting with a space.
+        if index > 1 and current and len(current) + 1 + len(word) > SOFT_LINE_LIMIT:
             lines.append(current)
             current = " " + word
         else:
@@ -361,11 +465,82 @@ def _fold_ascii(line: str) -> str:
     return "\r\n".join(lines)
 
 
-def _encode_body(text: str) -> tuple[bytes, str]:
-    """The body as CRLF bytes and its transfer encoding: 7bit if it can be, else quoted-printable."""
+def _encode_body(text: str, *, boundary: str | None = None) -> tuple[bytes, str]:
+    """The body as CRLF bytes and its transfer encoding: 7bit if it can be, else quoted-printable.
+
+    With ``boundary``, a 7bit body that contains the boundary is quoted-printable
+    instead (which encodes the boundary's ``=``), so it cannot end its part.
+    """
     if not text.endswith("\n"):
         text += "\n"
-    if text.isascii() and all(len(line) <= HARD_LINE_LIMIT for line in text.split("\n")):
+    if (
+        text.isascii()
+        and all(len(line) <= HARD_LINE_LIMIT for line in text.split("\n"))
+        and (boundary is None or boundary not in text)
+    ):
         return text.replace("\n", "\r\n").encode("ascii"), "7bit"
     encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
     return encoded.replace(b"\n", b"\r\n"), "quoted-printable"
+
+
+def _text_part(subtype: str, text: str, boundary: str) -> bytes:
+    body, encoding = _encode_body(text, boundary=boundary)
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n'
+    return head.encode("ascii") + body
+
+
+def _escape_attribute(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&#34;").replace("'", "&#39;").replace("<", "&lt;")
+
+
+def _join_parts(boundary: str, parts: list[bytes]) -> bytes:
+    # RFC 2046 5.1.1: the CRLF before a delimiter belongs to the delimiter, so each
+    # part (which ends in CRLF) gets one more, and its last line break survives.
+    delimiter = f"--{boundary}\r\n".encode("ascii")
+    return b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode("ascii")
+
+
+def _multipart(
+    message_id: str, text: str, html: str | None, attached: list[tuple[str, LoadedAttachment]]
+) -> tuple[str, bytes]:
+    """The ``Content-Type`` header line and body of a multipart message (RFC 2046 5.1).
+
+    Boundaries start with ``=_``, which quoted-printable and base64 bodies cannot
+    contain; 7bit parts that happen to contain one are sent quoted-printable.
+
+    An attachment whose ``Attachment:`` value the HTML names as an image source
+    (``<img src="logo.png">``, mailmerge's inline images) becomes an inline part
+    of a ``multipart/related`` HTML part and the ``src`` becomes ``cid:`` (RFC 2387, 2392).
+    """
+    seed = hashlib.sha256(message_id.encode()).hexdigest()[:24]
+    alternative, mixed, related = f"=_alt_{seed}", f"=_mix_{seed}", f"=_rel_{seed}"
+    inline: list[bytes] = []
+    if html is not None and attached:
+        kept = []
+        for index, (value, item) in enumerate(attached):
+            source = re.compile(
+                r"""(\ssrc\s*=\s*["'])""" + re.escape(_escape_attribute(value)) + r"""(["'])"""
+            )
+            if source.search(html):
+                content_id = f"part{index}.{seed}@mergekit"
+                html = source.sub(rf"\g<1>cid:{content_id}\g<2>", html)
+                inline.append(item.inline_part(content_id))
+            else:
+                kept.append((value, item))
+        attached = kept
+    if html is not None:
+        html_text = html.replace("\r\n", "\n").replace("\r", "\n")
+        html_part = _text_part("html", html_text, alternative)
+        if inline:
+            html_part = (
+                f'Content-Type: multipart/related;\r\n boundary="{related}"\r\n\r\n'.encode()
+                + _join_parts(related, [_text_part("html", html_text, related), *inline])
+            )
+        inner = _join_parts(alternative, [_text_part("plain", text, alternative), html_part])
+        first = f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode() + inner
+        if not attached:
+            return f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"', inner
+    else:
+        first = _text_part("plain", text, mixed)
+    body = _join_parts(mixed, [first, *(item.part for _, item in attached)])
+    return f'Content-Type: multipart/mixed;\r\n boundary="{mixed}"', body

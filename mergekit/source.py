@@ -19,8 +19,8 @@ import codecs
 import csv
 import re
 import warnings
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +54,8 @@ class SourceOptions:
     encoding: str = DEFAULT_ENCODING
     email_column: str = "email"
     key_column: str | None = None
+    # ``--suppress``: lower-cased address -> the file that lists it.
+    suppressed: Mapping[str, str] = field(default_factory=dict)
 
 
 def read_rows(
@@ -89,7 +91,7 @@ def read_rows(
             for record in chunk.to_numpy(dtype=object).tolist():
                 row_number += 1
                 data = dict(zip(columns, record, strict=True))
-                rows.append(_classify(row_number, data, email_column, key_column, seen))
+                rows.append(_classify(row_number, data, email_column, key_column, seen, options.suppressed))
             yield rows
 
 
@@ -198,7 +200,12 @@ def _find_column(columns: list[str], wanted: str, path: str, option: str) -> str
 
 
 def _classify(
-    row: int, data: dict[str, str], email_column: str, key_column: str | None, seen: dict[str, int]
+    row: int,
+    data: dict[str, str],
+    email_column: str,
+    key_column: str | None,
+    seen: dict[str, int],
+    suppressed: Mapping[str, str],
 ) -> SourceRow:
     email = data[email_column].strip()
     state, reason = "pending", ""
@@ -217,6 +224,8 @@ def _classify(
     seen[key] = occurrence + 1
     if occurrence and state == "pending":
         state, reason = "duplicate", f"same key as an earlier row ({key})"
+    if state == "pending" and suppressed and email.lower() in suppressed:
+        state, reason = "suppressed", f"address listed in {suppressed[email.lower()]} (--suppress)"
     return SourceRow(row, key, occurrence, email, data, state, reason)
 
 

@@ -184,7 +184,7 @@ def test_dry_run_sends_nothing_and_marks_nothing(tmp_path: Path) -> None:
         "send", str(recipients), str(template), "--transport", "maildir://out", "--dry-run", cwd=tmp_path
     )
     assert code == 0
-    assert "dry run: 4 rows would be sent, 0 invalid, 0 duplicate; nothing was sent" in out
+    assert "dry run: 4 rows would be sent, 0 invalid, 0 duplicate, 0 suppressed; nothing was sent" in out
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "mergekit.db").exists()
 

@@ -256,8 +256,15 @@ def test_commands_run_unchanged_on_postgres(postgres_url: str, tmp_path: Path) -
     with psycopg.connect(postgres_url, autocommit=True) as db:
         db.execute("UPDATE mergekit_recipients SET state = 'unknown' WHERE row <= 3")
         stored = db.execute("SELECT transport, settings FROM mergekit_campaigns").fetchone()
-    assert stored is not None and stored[0].startswith("null:")
-    assert json.loads(stored[1]) == {"unknown": "resend", "max_attempts": 3, "rate": None}
+    assert stored is not None and stored[0] == "null://"
+    assert json.loads(stored[1]) == {
+        "unknown": "resend",
+        "max_attempts": 3,
+        "rate": None,
+        "attachments_dir": None,
+        "unsubscribe_url": None,
+        "unsubscribe_mailto": None,
+    }
     retried = runner.invoke(main, ["retry", "--ledger", ledger, "--json"])
     assert retried.exit_code == 0, retried.output
     assert json.loads(retried.stdout)["sent"] == 30
