@@ -8,19 +8,13 @@ it they skip and say why; with ``MERGEKIT_REQUIRE_POSTGRES=1`` (set by
 
 from __future__ import annotations
 
-import asyncio
 import os
-import re
 import secrets
 import ssl
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -102,68 +96,6 @@ def ledger(ledger_location: str) -> Iterator[Ledger]:
     opened = open_ledger(ledger_location)
     yield opened
     opened.close()
-
-
-@dataclass
-class SmtpSink:
-    """What the SMTP sink received: one ``(monotonic time, recipient, Message-ID)`` per recipient."""
-
-    port: int
-    delay: float = 0.0  # seconds to hold each DATA reply: slows the senders
-    received: list[tuple[float, str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        found = re.search(rb"(?im)^Message-ID:\s*(\S+)", envelope.content)
-        message_id = found.group(1).decode() if found else ""
-        now = time.monotonic()
-        with self.lock:
-            for recipient in envelope.rcpt_tos:
-                self.received.append((now, recipient, message_id))
-        return "250 2.0.0 OK"
-
-    def snapshot(self) -> list[tuple[float, str, str]]:
-        with self.lock:
-            return list(self.received)
-
-
-@pytest.fixture
-def smtp_sink() -> Iterator[SmtpSink]:
-    """A real aiosmtpd server on 127.0.0.1, port 0, in a thread of its own."""
-    from aiosmtpd.smtp import SMTP
-
-    loop = asyncio.new_event_loop()
-    sink = SmtpSink(port=0)
-    sessions: list[SMTP] = []
-
-    def session() -> SMTP:
-        sessions.append(SMTP(sink, hostname="localhost", loop=loop, ident="mergekit test sink"))
-        return sessions[-1]
-
-    server = loop.run_until_complete(loop.create_server(session, "127.0.0.1", 0))
-    sink.port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, name="smtp-sink", daemon=True)
-    thread.start()
-    yield sink
-
-    async def shutdown() -> None:
-        server.close()
-        await server.wait_closed()
-        for smtp in sessions:
-            if smtp.transport is not None:
-                smtp.transport.close()
-        await asyncio.sleep(0.05)
-        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-
-    asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
-    loop.close()
 
 
 def run_cli(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import re
 import socket
 import ssl
 import threading
@@ -28,9 +29,16 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    at: float = field(default_factory=time.monotonic)
 
-    def parsed(self) -> EmailMessage:
-        message = email.message_from_bytes(self.data, policy=email.policy.default)
+    @property
+    def message_id(self) -> str:
+        found = re.search(rb"(?im)^Message-ID:\s*(\S+)", self.data)
+        return found.group(1).decode() if found else ""
+
+    def parsed(self, *, strict: bool = False) -> EmailMessage:
+        policy = email.policy.strict if strict else email.policy.default
+        message = email.message_from_bytes(self.data, policy=policy)
         assert isinstance(message, EmailMessage)
         return message
 
@@ -184,6 +192,16 @@ class SmtpServer:
     @property
     def port(self) -> int:
         return int(self.controller.port)
+
+    def snapshot(self) -> list[tuple[float, str, str]]:
+        """``(monotonic time, recipient, Message-ID)`` for every recipient received so far."""
+        with self.handler.lock:
+            received = list(self.handler.messages)
+        return [(m.at, rcpt, m.message_id) for m in received for rcpt in m.rcpt_tos]
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}?starttls=never"
 
     @property
     def messages(self) -> list[Received]:

@@ -10,12 +10,10 @@ import os
 from email.message import EmailMessage
 from pathlib import Path
 
-import pytest
-
 from mergekit import campaign
 from mergekit.bodies import html_to_text
 from mergekit.render import Template, TemplateSource
-from tests.rich_helpers import Inbox, smtp_inbox
+from tests.smtpd import SmtpServer
 
 CSV = (
     "email,name,note,city,doc\n"
@@ -29,33 +27,29 @@ HEADERS = (
 )
 
 
-@pytest.fixture
-def inbox() -> Inbox:
-    with smtp_inbox() as box:
-        yield box
-
-
 def _text(part: EmailMessage) -> str:
     """A text part's content with the wire's CRLF line ends read as newlines."""
     return str(part.get_content()).replace("\r\n", "\n")
 
 
-def _send(tmp_path: Path, inbox: Inbox, name: str, template: str, csv: str = CSV, **content: object) -> None:
+def _send(
+    tmp_path: Path, smtp_server: SmtpServer, name: str, template: str, csv: str = CSV, **content: object
+) -> None:
     (tmp_path / name).write_text(template, encoding="utf-8")
     (tmp_path / "people.csv").write_text(csv, encoding="utf-8")
     report = campaign.send(
         tmp_path / "people.csv",
         tmp_path / name,
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(tmp_path / "ledger.db"),
         content=campaign.ContentOptions(**content),  # type: ignore[arg-type]
     )
     assert report.run.counts["sent"] == csv.count("\n") - 1, report.run.counts
 
 
-def test_plain_text_body(tmp_path: Path, inbox: Inbox) -> None:
-    _send(tmp_path, inbox, "plain.txt", HEADERS + "\nHej {{ name }}, vi ses i {{ city }}.\n")
-    message = inbox.messages[0].parsed(strict=True)
+def test_plain_text_body(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    _send(tmp_path, smtp_server, "plain.txt", HEADERS + "\nHej {{ name }}, vi ses i {{ city }}.\n")
+    message = smtp_server.messages[0].parsed(strict=True)
     assert message.get_content_type() == "text/plain"
     assert message.get_content_charset() == "utf-8"
     assert message["Subject"] == "Nyheder fra København"
@@ -64,14 +58,14 @@ def test_plain_text_body(tmp_path: Path, inbox: Inbox) -> None:
     assert not message.defects
 
 
-def test_html_body_is_alternative_with_derived_text(tmp_path: Path, inbox: Inbox) -> None:
+def test_html_body_is_alternative_with_derived_text(tmp_path: Path, smtp_server: SmtpServer) -> None:
     template = HEADERS + (
         "Content-Type: text/html\n\n<html><body><h1>Hej {{ note }}</h1>"
         '<p>Read <a href="https://example.com/n?c={{ city|urlencode }}">the news</a> from {{ city }}.</p>'
         "<ul><li>one</li><li>two</li></ul></body></html>\n"
     )
-    _send(tmp_path, inbox, "news.txt", template)
-    bob = next(r for r in inbox.messages if r.rcpt_tos == ["bob@example.com"]).parsed(strict=True)
+    _send(tmp_path, smtp_server, "news.txt", template)
+    bob = next(r for r in smtp_server.messages if r.rcpt_tos == ["bob@example.com"]).parsed(strict=True)
     assert bob.get_content_type() == "multipart/alternative"
     text, html = bob.get_payload()
     assert (text.get_content_type(), html.get_content_type()) == ("text/plain", "text/html")
@@ -81,19 +75,19 @@ def test_html_body_is_alternative_with_derived_text(tmp_path: Path, inbox: Inbox
     assert "Bob <b>" in _text(text)  # the text part is text: no escaping needed
     assert "the news (https://example.com/n?c=Paris)" in _text(text)
     assert "- one\n- two" in _text(text)
-    ada = inbox.messages[0].parsed(strict=True)
+    ada = smtp_server.messages[0].parsed(strict=True)
     assert "København" in ada.get_body(("html",)).get_content()
     for part in bob.walk():
         assert not part.defects
 
 
-def test_markdown_body_by_extension_and_by_header(tmp_path: Path, inbox: Inbox) -> None:
+def test_markdown_body_by_extension_and_by_header(tmp_path: Path, smtp_server: SmtpServer) -> None:
     body = "\n# Hello {{ note }}\n\nSee [our site](https://example.com) or *not*.\n\n- a\n- b\n"
-    _send(tmp_path, inbox, "news.md", HEADERS + body)
+    _send(tmp_path, smtp_server, "news.md", HEADERS + body)
     (tmp_path / "second").mkdir()
-    _send(tmp_path / "second", inbox, "other.txt", HEADERS + "Content-Type: text/markdown\n" + body)
-    assert len(inbox.messages) == 4
-    for received in (inbox.messages[1], inbox.messages[3]):
+    _send(tmp_path / "second", smtp_server, "other.txt", HEADERS + "Content-Type: text/markdown\n" + body)
+    assert len(smtp_server.messages) == 4
+    for received in (smtp_server.messages[1], smtp_server.messages[3]):
         message = received.parsed(strict=True)
         assert message.get_content_type() == "multipart/alternative"
         text = _text(message.get_body(("plain",)))
@@ -104,7 +98,9 @@ def test_markdown_body_by_extension_and_by_header(tmp_path: Path, inbox: Inbox) 
         assert "<em>not</em>" in html
 
 
-def test_attachments_wrap_alternative_in_mixed_byte_identical(tmp_path: Path, inbox: Inbox) -> None:
+def test_attachments_wrap_alternative_in_mixed_byte_identical(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
     payload = os.urandom(70_000) + bytes(range(256))
     (tmp_path / "report.pdf").write_bytes(payload)
     (tmp_path / "Übersicht été.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
@@ -112,8 +108,8 @@ def test_attachments_wrap_alternative_in_mixed_byte_identical(tmp_path: Path, in
         "Attachment: {{ doc }}\nATTACHMENT: Übersicht été.png\nContent-Type: text/html\n\n"
         "<p>Hi {{ name }}</p>\n"
     )
-    _send(tmp_path, inbox, "invoice.txt", template)
-    message = inbox.messages[0].parsed(strict=True)
+    _send(tmp_path, smtp_server, "invoice.txt", template)
+    message = smtp_server.messages[0].parsed(strict=True)
     assert message.get_content_type() == "multipart/mixed"
     parts = message.get_payload()
     assert parts[0].get_content_type() == "multipart/alternative"
@@ -123,14 +119,16 @@ def test_attachments_wrap_alternative_in_mixed_byte_identical(tmp_path: Path, in
     assert attachments[0].get_content() == payload
     assert attachments[1].get_content() == (tmp_path / "Übersicht été.png").read_bytes()
     assert "Attachment" not in message and "ATTACHMENT" not in message
-    raw_lines = inbox.messages[0].data.split(b"\r\n")
+    raw_lines = smtp_server.messages[0].data.split(b"\r\n")
     assert max(len(line) for line in raw_lines) <= 78
 
 
-def test_text_with_attachment_is_mixed(tmp_path: Path, inbox: Inbox) -> None:
+def test_text_with_attachment_is_mixed(tmp_path: Path, smtp_server: SmtpServer) -> None:
     (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 tiny")
-    _send(tmp_path, inbox, "plain.txt", HEADERS + "Attachment: {{ doc }}\n\nSee attached, {{ note }}.\n")
-    message = inbox.messages[1].parsed(strict=True)
+    _send(
+        tmp_path, smtp_server, "plain.txt", HEADERS + "Attachment: {{ doc }}\n\nSee attached, {{ note }}.\n"
+    )
+    message = smtp_server.messages[1].parsed(strict=True)
     assert message.get_content_type() == "multipart/mixed"
     assert _text(message.get_body(("plain",))) == "See attached, Bob <b>.\n"
     (attachment,) = message.iter_attachments()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mergekit import campaign
-from tests.rich_helpers import Inbox, smtp_inbox
+from tests.smtpd import SmtpServer
 
 DATABASE = """email,name,number
 myself@mydomain.com,"Myself",17
@@ -186,20 +186,16 @@ Hi, {{name}},
 """
 
 
-@pytest.fixture
-def inbox() -> Inbox:
-    with smtp_inbox() as box:
-        yield box
-
-
-def _run(folder: Path, inbox: Inbox, template: str, database: str = DATABASE) -> campaign.SendReport:
+def _run(
+    folder: Path, smtp_server: SmtpServer, template: str, database: str = DATABASE
+) -> campaign.SendReport:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "mailmerge_template.txt").write_text(template, encoding="utf-8")
     (folder / "mailmerge_database.csv").write_text(database, encoding="utf-8")
     return campaign.send(
         folder / "mailmerge_database.csv",
         folder / "mailmerge_template.txt",
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(folder / "mergekit.db"),
     )
 
@@ -208,35 +204,35 @@ def _text(part: object) -> str:
     return str(part.get_content()).replace("\r\n", "\n")  # type: ignore[attr-defined]
 
 
-def test_simple_example(tmp_path: Path, inbox: Inbox) -> None:
-    report = _run(tmp_path, inbox, SIMPLE)
+def test_simple_example(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    report = _run(tmp_path, smtp_server, SIMPLE)
     assert report.run.counts["sent"] == 2
-    bob = inbox.messages[1]
+    bob = smtp_server.messages[1]
     assert bob.mail_from == "myself@mydomain.com" and bob.rcpt_tos == ["bob@bobdomain.com"]
     message = bob.parsed(strict=True)
     assert message["Subject"] == "Testing mailmerge"
     assert _text(message) == "Hi, Bob,\n\nYour number is 42.\n"
 
 
-def test_advanced_progress_report(tmp_path: Path, inbox: Inbox) -> None:
-    _run(tmp_path, inbox, PROGRESS_TEMPLATE, PROGRESS_DATABASE)
-    bodies = [_text(r.parsed(strict=True)) for r in inbox.messages]
+def test_advanced_progress_report(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    _run(tmp_path, smtp_server, PROGRESS_TEMPLATE, PROGRESS_DATABASE)
+    bodies = [_text(r.parsed(strict=True)) for r in smtp_server.messages]
     assert "Project 1: 100" in bodies[0] and "concerned" not in bodies[0]
     assert "border of the pass/fail line" in bodies[1]
     assert "you will not pass the course" in bodies[2]
 
 
-def test_html_only(tmp_path: Path, inbox: Inbox) -> None:
-    _run(tmp_path, inbox, HTML_ONLY)
-    message = inbox.messages[0].parsed(strict=True)
+def test_html_only(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    _run(tmp_path, smtp_server, HTML_ONLY)
+    message = smtp_server.messages[0].parsed(strict=True)
     assert message.get_content_type() == "multipart/alternative"
     assert "<p>Hi, Myself,</p>" in _text(message.get_body(("html",)))
     assert "Sent by mailmerge (https://github.com/awdeorio/mailmerge)" in _text(message.get_body(("plain",)))
 
 
-def test_html_and_plain_text(tmp_path: Path, inbox: Inbox) -> None:
-    _run(tmp_path, inbox, HTML_AND_TEXT)
-    message = inbox.messages[1].parsed(strict=True)
+def test_html_and_plain_text(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    _run(tmp_path, smtp_server, HTML_AND_TEXT)
+    message = smtp_server.messages[1].parsed(strict=True)
     assert message.get_content_type() == "multipart/alternative"
     text = _text(message.get_body(("plain",)))
     assert text.startswith(
@@ -246,9 +242,9 @@ def test_html_and_plain_text(tmp_path: Path, inbox: Inbox) -> None:
     assert "<p>Your number is 42.</p>" in _text(message.get_body(("html",)))
 
 
-def test_markdown(tmp_path: Path, inbox: Inbox) -> None:
-    _run(tmp_path, inbox, MARKDOWN)
-    message = inbox.messages[0].parsed(strict=True)
+def test_markdown(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    _run(tmp_path, smtp_server, MARKDOWN)
+    message = smtp_server.messages[0].parsed(strict=True)
     html = _text(message.get_body(("html",)))
     assert "<em>asterisks</em>" in html and "<strong>asterisks</strong>" in html
     assert "<ol>\n<li>Item 1</li>" in html
@@ -261,27 +257,31 @@ def test_markdown(tmp_path: Path, inbox: Inbox) -> None:
     assert _text(message.get_body(("plain",))).startswith("You can add:")
 
 
-def test_attachments_inside_the_folder_work_outside_are_refused(tmp_path: Path, inbox: Inbox) -> None:
+def test_attachments_inside_the_folder_work_outside_are_refused(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
     folder = tmp_path / "campaign"
     folder.mkdir()
     (folder / "file1.docx").write_bytes(b"PK\x03\x04docx")
     (tmp_path / "file2.pdf").write_bytes(b"%PDF")
-    report = _run(folder, inbox, ATTACHMENTS)
+    report = _run(folder, smtp_server, ATTACHMENTS)
     # mailmerge reads ../file2.pdf and /z/shared/...; mergekit refuses paths outside the folder by design.
-    assert report.run.counts["invalid"] == 2 and inbox.messages == []
+    assert report.run.counts["invalid"] == 2 and smtp_server.messages == []
     _, rows = campaign.report(ledger_path=str(folder / "mergekit.db"))
     assert all("'../file2.pdf' is outside the attachments folder" in row.last_text for row in rows)
     # The same template with only the in-folder attachment runs unchanged.
     only_inside = ATTACHMENTS.replace("ATTACHMENT: ../file2.pdf\n", "").replace(
         "ATTACHMENT: /z/shared/{{name}}_submission.txt\n", ""
     )
-    report = _run(tmp_path / "second", inbox, only_inside.replace("file1.docx", "../campaign/file1.docx"))
+    report = _run(
+        tmp_path / "second", smtp_server, only_inside.replace("file1.docx", "../campaign/file1.docx")
+    )
     assert report.run.counts["invalid"] == 2
     (tmp_path / "third").mkdir()
     (tmp_path / "third" / "file1.docx").write_bytes(b"PK\x03\x04docx")
-    report = _run(tmp_path / "third", inbox, only_inside)
+    report = _run(tmp_path / "third", smtp_server, only_inside)
     assert report.run.counts["sent"] == 2
-    (attachment,) = inbox.messages[0].parsed(strict=True).iter_attachments()
+    (attachment,) = smtp_server.messages[0].parsed(strict=True).iter_attachments()
     assert attachment.get_filename() == "file1.docx"
     assert (
         attachment.get_content_type()
@@ -291,12 +291,12 @@ def test_attachments_inside_the_folder_work_outside_are_refused(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("template", [INLINE_IMAGE_HTML, INLINE_IMAGE_MARKDOWN])
-def test_inline_images(tmp_path: Path, inbox: Inbox, template: str) -> None:
+def test_inline_images(tmp_path: Path, smtp_server: SmtpServer, template: str) -> None:
     (tmp_path / "second").mkdir(parents=True)
     (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0first")
     (tmp_path / "second" / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0second")
-    _run(tmp_path, inbox, template)
-    message = inbox.messages[0].parsed(strict=True)
+    _run(tmp_path, smtp_server, template)
+    message = smtp_server.messages[0].parsed(strict=True)
     related = message.get_body(("related",))
     assert related is not None
     html = _text(related.get_body(("html",)))

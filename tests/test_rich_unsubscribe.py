@@ -18,19 +18,13 @@ from mergekit.ledger import RowUpdate, open_ledger
 from mergekit.render import TemplateSource
 from mergekit.source import read_rows
 from mergekit.unsubscribe import SECRET_VARIABLE, Unsubscribe, read_suppression
-from tests.rich_helpers import Inbox, smtp_inbox
+from tests.smtpd import SmtpServer
 
 TEMPLATE = (
     "From: News <news@example.com>\nTo: {{ email }}\nSubject: News\nContent-Type: text/html\n\n"
     '<p>Hi {{ name }}. <a href="{{ unsubscribe_url }}">Unsubscribe</a></p>\n'
 )
 CSV = "email,name\nada@example.com,Ada\nbob@example.com,Bob\nCarol@Example.com,Carol\n"
-
-
-@pytest.fixture
-def inbox() -> Inbox:
-    with smtp_inbox() as box:
-        yield box
 
 
 @pytest.fixture
@@ -46,7 +40,7 @@ def _token(secret: str, campaign_name: str, key: str) -> str:
 
 
 def test_list_unsubscribe_headers_and_token(
-    files: Path, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+    files: Path, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SECRET_VARIABLE, "s3cret")
     content = campaign.ContentOptions(
@@ -55,12 +49,12 @@ def test_list_unsubscribe_headers_and_token(
     campaign.send(
         files / "people.csv",
         files / "news.txt",
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(files / "l.db"),
         content=content,
     )
-    assert len(inbox.messages) == 3
-    message = inbox.messages[0].parsed(strict=True)
+    assert len(smtp_server.messages) == 3
+    message = smtp_server.messages[0].parsed(strict=True)
     token = _token("s3cret", "people-news", "ada@example.com")
     url = f"https://example.com/u/{token}?c=people-news"
     assert message["List-Unsubscribe"] == f"<{url}>, <mailto:leave@example.com?subject=unsubscribe%20{token}>"
@@ -108,25 +102,25 @@ def test_suppression_file_formats(tmp_path: Path) -> None:
         read_suppression([tmp_path / "c.csv"])
 
 
-def test_suppressed_at_ingest_counted_and_never_sent(files: Path, inbox: Inbox) -> None:
+def test_suppressed_at_ingest_counted_and_never_sent(files: Path, smtp_server: SmtpServer) -> None:
     (files / "stop.txt").write_text("bob@example.com\ncarol@example.com\n", encoding="utf-8")
     (files / "plain.txt").write_text(
         "From: n@example.com\nTo: {{ email }}\nSubject: s\n\nHi\n", encoding="utf-8"
     )
     runner = CliRunner()
-    args = ["send", str(files / "people.csv"), str(files / "plain.txt"), "--transport", inbox.url]
+    args = ["send", str(files / "people.csv"), str(files / "plain.txt"), "--transport", smtp_server.url]
     args += ["--ledger", str(files / "l.db"), "--suppress", str(files / "stop.txt"), "--json"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["suppressed"] == 2
-    assert [m.rcpt_tos for m in inbox.messages] == [["ada@example.com"]]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.com"]]
     status = runner.invoke(main, ["status", "--ledger", str(files / "l.db"), "--json"])
     assert json.loads(status.stdout)["suppressed"] == 2
     report = runner.invoke(main, ["report", "--ledger", str(files / "l.db"), "--state", "suppressed"])
     assert report.output.count("stop.txt (--suppress)") == 2
 
 
-def test_resume_reapplies_suppression_even_when_the_csv_changes(files: Path, inbox: Inbox) -> None:
+def test_resume_reapplies_suppression_even_when_the_csv_changes(files: Path, smtp_server: SmtpServer) -> None:
     (files / "plain.txt").write_text(
         "From: n@example.com\nTo: {{ email }}\nSubject: s\n\nHi\n", encoding="utf-8"
     )
@@ -151,34 +145,34 @@ def test_resume_reapplies_suppression_even_when_the_csv_changes(files: Path, inb
     report = campaign.send(
         files / "people.csv",
         files / "plain.txt",
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(files / "l.db"),
         content=campaign.ContentOptions(suppress=(str(files / "stop.txt"),)),
     )
-    assert report.run.counts["suppressed"] == 3 and inbox.messages == []
+    assert report.run.counts["suppressed"] == 3 and smtp_server.messages == []
     # The CSV changes (a new row for a suppressed address under another key); the list is not passed again.
     (files / "people.csv").write_text(CSV + "dave@example.com,Dave\n", encoding="utf-8")
     (files / "people2.csv").write_text("email,name,id\nbob@example.com,Bob,new-key\n", encoding="utf-8")
     report = campaign.send(
-        files / "people.csv", files / "plain.txt", transport=inbox.url, ledger_path=str(files / "l.db")
+        files / "people.csv", files / "plain.txt", transport=smtp_server.url, ledger_path=str(files / "l.db")
     )
-    assert [m.rcpt_tos for m in inbox.messages] == [["dave@example.com"]]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["dave@example.com"]]
     assert report.run.counts["suppressed"] == 3 and report.run.counts["sent"] == 1
     report = campaign.send(
         files / "people2.csv",
         files / "plain.txt",
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(files / "l.db"),
         campaign="people-plain",
         source=campaign.SourceOptions(key_column="id"),
         allow_template_change=True,
     )
-    assert len(inbox.messages) == 1, "a suppressed address under a new key was sent"
+    assert len(smtp_server.messages) == 1, "a suppressed address under a new key was sent"
     assert report.run.counts["suppressed"] == 4
 
 
 def test_retry_renders_with_the_campaigns_content_options(
-    files: Path, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+    files: Path, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SECRET_VARIABLE, "s3cret")
     assets = files / "assets"
@@ -193,7 +187,7 @@ def test_retry_renders_with_the_campaigns_content_options(
     campaign.send(
         files / "people.csv",
         files / "news.txt",
-        transport=inbox.url,
+        transport=smtp_server.url,
         ledger_path=str(files / "l.db"),
         content=content,
     )
@@ -208,10 +202,10 @@ def test_retry_renders_with_the_campaigns_content_options(
         [RowUpdate(r.id, "sent") for r in ledger.claim(record, 10, states=["sending"], due_before=None)],
     )
     ledger.close()
-    inbox.messages.clear()
-    report = campaign.retry(ledger_path=str(files / "l.db"), transport=inbox.url)
+    smtp_server.messages.clear()
+    report = campaign.retry(ledger_path=str(files / "l.db"), transport=smtp_server.url)
     assert report.run.this_run["sent"] == 1
-    message = inbox.messages[0].parsed(strict=True)
+    message = smtp_server.messages[0].parsed(strict=True)
     assert (
         message["List-Unsubscribe"]
         == f"<https://example.com/u/{_token('s3cret', 'people-news', 'bob@example.com')}>"

@@ -22,7 +22,7 @@ from mergekit.render import TemplateSource
 from mergekit.source import read_rows
 
 if TYPE_CHECKING:
-    from .conftest import SmtpSink
+    from tests.smtpd import SmtpServer
 
 TEMPLATE = "From: a@example.com\nTo: {{ name }} <{{ email }}>\nSubject: note {{ n }}\n\nHello {{ name }}\n"
 CAMPAIGN = "people-note"
@@ -79,7 +79,7 @@ def finish(worker: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any
     return result
 
 
-def by_recipient(sink: SmtpSink) -> dict[str, list[str]]:
+def by_recipient(sink: SmtpServer) -> dict[str, list[str]]:
     """Message-IDs received per recipient address."""
     found: dict[str, list[str]] = defaultdict(list)
     for _, recipient, message_id in sink.snapshot():
@@ -87,14 +87,16 @@ def by_recipient(sink: SmtpSink) -> dict[str, list[str]]:
     return found
 
 
-def test_three_workers_send_every_row_once(postgres_url: str, smtp_sink: SmtpSink, tmp_path: Path) -> None:
+def test_three_workers_send_every_row_once(
+    postgres_url: str, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
     rows = 3000
-    make_campaign(postgres_url, tmp_path, rows, smtp_sink.port)
-    smtp_sink.delay = 0.002  # a little server time per message, so no worker drains it alone
-    workers = [start_worker(postgres_url, smtp_sink.port, tmp_path, "--concurrency", "2") for _ in range(3)]
+    make_campaign(postgres_url, tmp_path, rows, smtp_server.port)
+    smtp_server.handler.data_delay = 0.002  # a little server time per message, so no worker drains it alone
+    workers = [start_worker(postgres_url, smtp_server.port, tmp_path, "--concurrency", "2") for _ in range(3)]
     results = [finish(worker) for worker in workers]
 
-    received = by_recipient(smtp_sink)
+    received = by_recipient(smtp_server)
     assert len(received) == rows
     assert all(len(ids) == 1 for ids in received.values())
     assert results[-1]["sent"] == rows and results[-1]["unknown"] == 0
@@ -105,14 +107,14 @@ def test_three_workers_send_every_row_once(postgres_url: str, smtp_sink: SmtpSin
 
 
 def test_a_killed_workers_rows_are_resent_by_the_others(
-    postgres_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    postgres_url: str, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:
     rows = 3000
-    make_campaign(postgres_url, tmp_path, rows, smtp_sink.port)
-    smtp_sink.delay = 0.002
+    make_campaign(postgres_url, tmp_path, rows, smtp_server.port)
+    smtp_server.handler.data_delay = 0.002
     leased = postgres_url + "?lease=2"
-    victim = start_worker(leased, smtp_sink.port, tmp_path, "--concurrency", "2")
-    others = [start_worker(leased, smtp_sink.port, tmp_path, "--concurrency", "2") for _ in range(2)]
+    victim = start_worker(leased, smtp_server.port, tmp_path, "--concurrency", "2")
+    others = [start_worker(leased, smtp_server.port, tmp_path, "--concurrency", "2") for _ in range(2)]
     mine = f"%:{victim.pid}:%"
     held: list[str] = []
     with psycopg.connect(postgres_url, autocommit=True) as db:
@@ -122,7 +124,7 @@ def test_a_killed_workers_rows_are_resent_by_the_others(
                 "SELECT count(*) FROM mergekit_recipients WHERE state = 'sending' AND worker_id LIKE %s",
                 (mine,),
             ).fetchone()
-            if holding and holding[0] and len(smtp_sink.snapshot()) >= 300:
+            if holding and holding[0] and len(smtp_server.snapshot()) >= 300:
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 break
@@ -140,7 +142,7 @@ def test_a_killed_workers_rows_are_resent_by_the_others(
     assert held, "the victim held no rows when it was killed"
     results = [finish(worker) for worker in others]
 
-    received = by_recipient(smtp_sink)
+    received = by_recipient(smtp_server)
     final = results[-1]
     assert (final["sent"], final["unknown"], final["sending"], final["pending"]) == (rows, 0, 0, 0)
     lost = rows - len(received)
@@ -160,14 +162,14 @@ def test_a_killed_workers_rows_are_resent_by_the_others(
 
 
 def test_campaign_rate_holds_across_three_workers(
-    postgres_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    postgres_url: str, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:
     rows, rate = 2000, 200.0
-    make_campaign(postgres_url, tmp_path, rows, smtp_sink.port, rate=Rate(rate, 1.0))
-    workers = [start_worker(postgres_url, smtp_sink.port, tmp_path, "--batch-size", "20") for _ in range(3)]
+    make_campaign(postgres_url, tmp_path, rows, smtp_server.port, rate=Rate(rate, 1.0))
+    workers = [start_worker(postgres_url, smtp_server.port, tmp_path, "--batch-size", "20") for _ in range(3)]
     results = [finish(worker) for worker in workers]
 
-    times = sorted(at for at, _, _ in smtp_sink.snapshot())
+    times = sorted(at for at, _, _ in smtp_server.snapshot())
     assert len(times) == rows
     # Over the run: the first batch of 20 leaves at once, each later one 20/rate after the last.
     measured = (rows - 20) / (times[-1] - times[0])
