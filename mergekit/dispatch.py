@@ -197,6 +197,7 @@ class Dispatcher:
 
     async def run(self) -> RunResult:
         started = time.monotonic()
+        self.transport.prepare(self.template)
         try:
             if self.options.dry_run:
                 await self._run_workers()

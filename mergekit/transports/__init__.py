@@ -5,11 +5,33 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Attachment, Message, Outcome, Status, Transport, TransportURL, redact_url
 from .maildir import MaildirTransport
+from .mailgun import MailgunTransport
+from .mailjet import MailjetTransport
 from .null import NullTransport
+from .nylas import NylasTransport
+from .postmark import PostmarkTransport
+from .resend import ResendTransport
+from .sendgrid import SendgridTransport
+from .ses import SesTransport
 from .smtp import SmtpTransport
+from .webhook import WebhookTransport
 
 TRANSPORTS: dict[str, type[Transport]] = {
-    scheme: cls for cls in (SmtpTransport, MaildirTransport, NullTransport) for scheme in cls.schemes
+    scheme: cls
+    for cls in (
+        SmtpTransport,
+        MaildirTransport,
+        NullTransport,
+        PostmarkTransport,
+        ResendTransport,
+        MailjetTransport,
+        SendgridTransport,
+        MailgunTransport,
+        SesTransport,
+        NylasTransport,
+        WebhookTransport,
+    )
+    for scheme in cls.schemes
 }
 
 

@@ -15,10 +15,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..render import Template
 
 
 class Status(enum.StrEnum):
@@ -190,6 +193,13 @@ class Transport(ABC):
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         self.url = url
         self.concurrency = concurrency
+
+    def prepare(self, template: Template) -> None:
+        """Called once by dispatch with the campaign's compiled template, before ``open``.
+
+        A no-op by default; a transport that can send a template's plain
+        substitutions in bulk (SendGrid, Mailgun) analyses it here.
+        """
 
     async def open(self) -> None:
         """Prepare to send (connect, authenticate); raise TransportError if that cannot work."""

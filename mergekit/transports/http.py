@@ -1,0 +1,451 @@
+"""The shared base of every HTTP email-API transport (issue 4).
+
+All HTTP lives here: one :class:`httpx.AsyncClient` per run (keep-alive, a pool
+of ``concurrency`` connections, timeouts, User-Agent, auth), the ``?base_url=``
+override every HTTP URL takes, status classing and JSON decoding. A provider
+file fills two hooks and nothing else:
+
+- :meth:`HttpTransport.build_requests` turns a batch of rendered messages into
+  one or more :class:`ApiRequest` (each names the messages it carries);
+- :meth:`HttpTransport.parse_response` turns a 2xx reply into one outcome per
+  message it carries, starting from ``unknown``.
+
+Status classing, the same for every provider (DESIGN.md "Transports"):
+
+==========================  ===============================================
+reply                       outcome of every message the request carried
+==========================  ===============================================
+2xx, body parsed            what the provider's parser says
+2xx, body unreadable        ``unknown``: it may have been accepted; never ``sent``
+429                         ``transient``, with ``Retry-After`` (seconds or an
+                            HTTP-date) or the provider's rate-limit reset header
+5xx                         ``transient`` (``Retry-After`` honoured if given)
+connection error, timeout   ``transient``
+other 4xx                   ``permanent``, or per message where the provider's
+                            :meth:`HttpTransport.parse_error` says which
+==========================  ===============================================
+
+A 429 also closes a gate shared by the whole run: no request of this transport
+leaves before the wait is over, so concurrent batches slow down together, and
+dispatch lowers the run's rate (:meth:`mergekit.dispatch.RateLimiter.throttle`).
+
+Secrets (API keys) are read once at construction from the URL or the
+environment; a missing one is a :class:`ConfigError` naming the variable, raised
+before anything is sent. They travel only in request headers, and every text
+that leaves a transport (outcome texts, errors) is scrubbed of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import getaddresses, parsedate_to_datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from ..errors import ConfigError, TransportError
+from .base import Message, Outcome, Transport, TransportURL, is_loopback
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # seconds to open a TCP+TLS connection to the API
+READ_TIMEOUT = 60.0  # seconds for a reply: a 500-message batch can take the provider a while
+WRITE_TIMEOUT = 60.0  # seconds to upload one request body (up to 50 MB on Postmark)
+MAX_RETRY_AFTER = 3600.0  # a Retry-After further out than this is capped: the row is deferred anyway
+ERROR_TEXT_LIMIT = 300  # characters of a provider's error body kept in an outcome's text
+# Headers the providers take as fields of their own, never as custom headers.
+ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "subject"})
+
+try:
+    USER_AGENT = f"mergekit/{version('mergekit')} httpx/{httpx.__version__}"
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+    USER_AGENT = f"mergekit httpx/{httpx.__version__}"
+
+
+@dataclass
+class ApiRequest:
+    """One HTTP request carrying the batch's messages at ``indexes``.
+
+    Exactly one of ``json``, ``data``/``files`` (form) or ``content`` is the
+    body. ``context`` is the provider's own note for its parser.
+    """
+
+    indexes: list[int]
+    path: str
+    method: str = "POST"
+    json: Any = None
+    data: list[tuple[str, str]] | None = None
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    context: Any = None
+    # Requests that carry the same messages one by one: sent instead when this
+    # shared (substitution) request is refused with a 4xx other than 429, so one
+    # bad address does not fail every recipient of the batch.
+    fallback: list[ApiRequest] | None = None
+
+
+class HttpTransport(Transport):
+    """An HTTP email API: providers set ``default_base_url`` and fill the two hooks.
+
+    ``concurrency`` requests are in flight at most, over at most as many
+    keep-alive connections, whether they come from one batch split into many
+    requests (SendGrid, Mailgun, Nylas) or from concurrent batches.
+    """
+
+    default_base_url: ClassVar[str]
+    # Response headers a provider documents as its rate-limit reset, and whether
+    # their value is an epoch time (SendGrid) or seconds to wait (Resend).
+    reset_header: ClassVar[str | None] = None
+    reset_is_epoch: ClassVar[bool] = False
+
+    def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
+        super().__init__(url, concurrency=concurrency)
+        self.base_url = self._base_url(url)
+        self._secrets: list[str] = []
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._not_before = 0.0  # monotonic time before which no request leaves (after a 429)
+        self.requests_made = 0  # every HTTP request sent, for reports and benchmarks
+
+    # -- configuration -------------------------------------------------------
+
+    def _base_url(self, url: TransportURL) -> str:
+        base = url.query.get("base_url") or self.default_base_url
+        parts = urlsplit(base)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError(
+                f"?base_url={base!r} in {url.redacted} is not an http(s) URL",
+                option="--transport",
+                hint="Use e.g. ?base_url=https://api.eu.example.com",
+            )
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            # The API key would cross the network in cleartext.
+            raise ConfigError(
+                f"?base_url={base!r} is cleartext http to a non-loopback host",
+                option="--transport",
+                hint="Use https://, or http:// only to 127.0.0.1 or localhost",
+            )
+        return base.rstrip("/")
+
+    def secret(self, env: str, *, url_value: str | None = None, query: Sequence[str] = ()) -> str:
+        """A secret from the URL (``url_value``, then ``?query`` names) or else ``$env``.
+
+        :raises ConfigError: none given, naming the environment variable.
+        """
+        value = unquote(url_value) if url_value else None
+        for name in query:
+            value = value or self.url.query.get(name) or None
+        value = value or os.environ.get(env) or None
+        if not value:
+            raise ConfigError(
+                f"{self.name}:// needs an API key and none was given",
+                option="--transport",
+                hint=f"Set the environment variable {env}",
+            )
+        self._secrets.append(value)
+        return value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of this transport replaced by ``***``."""
+        for secret in self._secrets:
+            if secret and secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def auth(self) -> httpx.Auth | None:
+        """The client's auth (Basic for Mailjet, Mailgun); headers carry the others."""
+        return None
+
+    def default_headers(self) -> dict[str, str]:
+        """Headers on every request, e.g. ``Authorization: Bearer …``."""
+        return {}
+
+    # -- the two hooks a provider fills ---------------------------------------
+
+    def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:
+        """The requests that carry ``messages``; every index must be in exactly one."""
+        raise NotImplementedError
+
+    def parse_response(
+        self, request: ApiRequest, response: httpx.Response, messages: Sequence[Message]
+    ) -> list[Outcome]:
+        """One outcome per message of ``request`` (in ``request.indexes`` order) from a 2xx reply.
+
+        May raise ``ValueError``, ``KeyError``, ``TypeError`` or ``IndexError``
+        on a body it cannot read: the base makes those messages ``unknown``.
+        """
+        raise NotImplementedError
+
+    def parse_error(
+        self, request: ApiRequest, response: httpx.Response, messages: Sequence[Message]
+    ) -> list[Outcome] | None:
+        """Per-message outcomes for a non-2xx reply that names them, or None for the default."""
+        return None
+
+    # -- the send loop ---------------------------------------------------------
+
+    async def open(self) -> None:
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            auth=self.auth(),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
+            limits=limits,
+            # pool=None: a request waits for a free connection as long as it takes;
+            # ``_slots`` already bounds how many wait.
+            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
+            follow_redirects=False,
+        )
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        """One outcome per message, in order; requests of one batch go concurrently."""
+        if self._client is None:
+            raise TransportError("transport used before open()", transport=self.name, endpoint=self.base_url)
+        requests = self.build_requests(messages)
+        results = await asyncio.gather(*(self._exchange(request, messages) for request in requests))
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        for request, request_outcomes in zip(requests, results, strict=True):
+            for index, outcome in zip(request.indexes, request_outcomes, strict=True):
+                outcomes[index] = outcome
+        return [
+            outcome or Outcome.unknown(f"{self.name}: no request carried this message")
+            for outcome in outcomes
+        ]
+
+    async def _exchange(self, request: ApiRequest, messages: Sequence[Message]) -> list[Outcome]:
+        carried = [messages[i] for i in request.indexes]
+        count = len(carried)
+        assert self._client is not None and self._slots is not None
+        async with self._slots:
+            wait = self._not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.requests_made += 1
+            try:
+                response = await self._client.request(
+                    request.method,
+                    request.path,
+                    json=request.json,
+                    data=_form(request.data),
+                    files=request.files,
+                    content=request.content,
+                    headers=request.headers,
+                )
+            except httpx.TimeoutException as err:
+                return [Outcome.transient(None, f"{self.name}: timed out ({type(err).__name__})")] * count
+            except httpx.TransportError as err:
+                text = self.scrub(f"{self.name}: {type(err).__name__}: {err}")
+                return [Outcome.transient(None, text)] * count
+        outcomes = self._classify(request, response, carried)
+        if request.fallback and 400 <= response.status_code < 500 and response.status_code != 429:
+            log.info(
+                "%s refused a shared request (HTTP %d); sending its %d messages one by one",
+                self.name,
+                response.status_code,
+                count,
+            )
+            return await self._exchange_each(request, messages)
+        return outcomes
+
+    async def _exchange_each(self, request: ApiRequest, messages: Sequence[Message]) -> list[Outcome]:
+        assert request.fallback is not None
+        results = await asyncio.gather(*(self._exchange(single, messages) for single in request.fallback))
+        by_index = {
+            index: outcome
+            for single, outcomes in zip(request.fallback, results, strict=True)
+            for index, outcome in zip(single.indexes, outcomes, strict=True)
+        }
+        return [by_index.get(i) or Outcome.unknown(f"{self.name}: lost in fallback") for i in request.indexes]
+
+    def _classify(
+        self, request: ApiRequest, response: httpx.Response, carried: list[Message]
+    ) -> list[Outcome]:
+        status = response.status_code
+        count = len(carried)
+        if 200 <= status < 300:
+            try:
+                outcomes = self.parse_response(request, response, carried)
+                if len(outcomes) != count:
+                    raise ValueError(f"{len(outcomes)} results for {count} messages")
+                return [self._scrubbed(outcome) for outcome in outcomes]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+                text = f"{self.name}: HTTP {status}, reply unreadable ({err}); it may have been sent"
+                return [Outcome.unknown(self.scrub(text), status)] * count
+        detail = self.scrub(f"{self.name}: HTTP {status}: {error_detail(response)}")
+        if status == 429 or status >= 500:
+            retry_after = self.retry_after(response)
+            if status == 429:
+                wait = retry_after if retry_after is not None else 1.0
+                self._not_before = max(self._not_before, time.monotonic() + wait)
+            return [Outcome.transient(status, detail, retry_after)] * count
+        try:
+            specific = self.parse_error(request, response, carried)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            specific = None
+        if specific is not None and len(specific) == count:
+            return [self._scrubbed(outcome) for outcome in specific]
+        return [Outcome.permanent(status, detail)] * count
+
+    def _scrubbed(self, outcome: Outcome) -> Outcome:
+        text = self.scrub(outcome.text)
+        if text == outcome.text:
+            return outcome
+        return Outcome(outcome.status, outcome.provider_id, outcome.code, text, outcome.retry_after)
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        """Seconds to wait: ``Retry-After`` (seconds or HTTP-date, RFC 9110 10.2.3), else the reset header."""
+        value = response.headers.get("retry-after")
+        seconds = parse_retry_after(value) if value else None
+        if seconds is None and self.reset_header:
+            reset = response.headers.get(self.reset_header)
+            try:
+                number = float(reset) if reset else None
+            except ValueError:
+                number = None
+            if number is not None:
+                seconds = max(0.0, number - time.time()) if self.reset_is_epoch else max(0.0, number)
+        return min(seconds, MAX_RETRY_AFTER) if seconds is not None else None
+
+
+def _form(fields: list[tuple[str, str]] | None) -> dict[str, list[str]] | None:
+    """Form fields as httpx takes them: a repeated name (Mailgun's ``to``) becomes a list."""
+    if fields is None:
+        return None
+    form: dict[str, list[str]] = {}
+    for name, value in fields:
+        form.setdefault(name, []).append(value)
+    return form
+
+
+def parse_retry_after(value: str) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date; None if neither."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The provider's error text: its JSON ``message``/``Message``/``error`` field, else the body."""
+    text = response.text
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("message", "Message", "error", "ErrorMessage", "errors"):
+            if body.get(key):
+                value = body[key]
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                break
+    text = " ".join(text.split())
+    return text[:ERROR_TEXT_LIMIT] or response.reason_phrase
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The reply's JSON; ValueError (so the messages become ``unknown``) if it is not JSON."""
+    return json.loads(response.content)
+
+
+# -- helpers the provider files share ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """A message's addressees split as the APIs want them: (display name, address) pairs."""
+
+    sender: tuple[str, str]
+    to: list[tuple[str, str]]
+    cc: list[tuple[str, str]]
+    bcc: list[tuple[str, str]]
+    reply_to: list[tuple[str, str]]
+
+
+def recipients(message: Message) -> Recipients:
+    """From, To, Cc, Reply-To from the rendered headers; Bcc is the envelope's remainder."""
+
+    def pairs(name: str) -> list[tuple[str, str]]:
+        values = [value for key, value in message.headers if key.lower() == name]
+        return [(display, address) for display, address in getaddresses(values) if address]
+
+    to, cc = pairs("to"), pairs("cc")
+    shown = {_comparable(address) for _, address in to + cc}
+    bcc = [("", address) for address in message.envelope_to if _comparable(address) not in shown]
+    senders = pairs("from")
+    sender = senders[0] if senders else ("", message.envelope_from)
+    return Recipients(sender, to, cc, bcc, pairs("reply-to"))
+
+
+def _comparable(address: str) -> str:
+    """An address as the envelope holds it (IDNA domain, lower case), for comparison only."""
+    local, _, domain = address.rpartition("@")
+    with contextlib.suppress(UnicodeError):
+        domain = domain.encode("idna").decode("ascii")
+    return f"{local}@{domain}".lower()
+
+
+def format_address(name: str, address: str) -> str:
+    """``"Name" <address>`` for APIs that take one string per address."""
+    if not name:
+        return address
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" <{address}>'
+
+
+def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:
+    """The headers an API takes as custom ones: all but the address fields; plus Message-ID."""
+    headers = [(name, value) for name, value in message.headers if name.lower() not in ADDRESS_FIELDS]
+    if message_id:
+        headers.append(("Message-ID", message.message_id))
+    return headers
+
+
+def batch_key(prefix: str, messages: Sequence[Message]) -> str:
+    """An idempotency key from the batch's Message-IDs (which derive from campaign and row key).
+
+    The same messages give the same key on every retry and after a resume, so a
+    provider that honours the key collapses a duplicate; 64 hex characters fit
+    every provider's limit (Resend, Nylas: 256).
+    """
+    digest = hashlib.sha256("\n".join(m.message_id for m in messages).encode()).hexdigest()
+    return f"{prefix}-{digest[:48]}"
+
+
+def url_host(url: TransportURL) -> str:
+    """The URL's host part as written (case kept), without userinfo or port."""
+    netloc = url.parts.netloc.rpartition("@")[2]
+    return unquote(netloc.split(":")[0]) if not netloc.startswith("[") else netloc
+
+
+def first_text(mapping: Mapping[str, Any], *keys: str) -> str:
+    """The first non-empty string among ``keys`` of a JSON object."""
+    for key in keys:
+        value = mapping.get(key)
+        if value:
+            return str(value)
+    return ""

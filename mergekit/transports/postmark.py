@@ -1,0 +1,122 @@
+"""``postmark://``: Postmark's batch endpoint, up to 500 messages per request.
+
+``postmark://[:TOKEN@][?message_stream=outbound&base_url=…]``; the server token
+comes from the URL's password or ``$POSTMARK_SERVER_TOKEN``.
+
+Reference: https://postmarkapp.com/developer/user-guide/send-email-with-api/batch-emails
+and https://postmarkapp.com/developer/api/email-api (fields), .../api/overview (error codes).
+
+- "the batch endpoint accepts up to 500 messages per API call, and up to 50 MB
+  payload size, including attachments": ``max_batch`` is 500; a batch larger
+  than 50 MB is split into several requests.
+- The body is a JSON array of messages; auth is ``X-Postmark-Server-Token``.
+- "the /batch endpoint will return a 200-level http status, even when
+  validation for individual messages may fail [...] the results are ordered the
+  same as the original messages": each entry's ``ErrorCode`` 0 means accepted
+  with ``MessageID``; any other code is that message's permanent failure (e.g.
+  406 "You tried to send to a recipient that has been marked as inactive"),
+  except ErrorCode 429 ("Rate limit exceeded"), which is transient.
+- Request-level problems (bad token: ErrorCode 10; malformed body) come back
+  as HTTP 401 / 422 and fail every message of the request.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from .base import Message, Outcome, TransportURL
+from .http import ApiRequest, HttpTransport, custom_headers, format_address, json_body, recipients
+
+MAX_REQUEST_BYTES = 50 * 1024 * 1024  # "up to 50 MB payload size, including attachments"
+RATE_LIMITED = 429  # Postmark's per-message ErrorCode for "Rate limit exceeded"
+
+
+class PostmarkTransport(HttpTransport):
+    """Postmark ``POST /email/batch``: one result per message, in order."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("postmark",)
+    max_batch: ClassVar[int] = 500
+    name: ClassVar[str] = "postmark"
+    default_base_url: ClassVar[str] = "https://api.postmarkapp.com"
+
+    def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
+        super().__init__(url, concurrency=concurrency)
+        self._token = self.secret("POSTMARK_SERVER_TOKEN", url_value=url.parts.password, query=("token",))
+        self.message_stream = url.query.get("message_stream")
+
+    def default_headers(self) -> dict[str, str]:
+        return {"X-Postmark-Server-Token": self._token}
+
+    def payload(self, message: Message) -> dict[str, Any]:
+        people = recipients(message)
+        data: dict[str, Any] = {
+            "From": format_address(*people.sender),
+            "To": ", ".join(format_address(*p) for p in people.to),
+            "Subject": message.header("Subject"),
+        }
+        if people.cc:
+            data["Cc"] = ", ".join(format_address(*p) for p in people.cc)
+        if people.bcc:
+            data["Bcc"] = ", ".join(format_address(*p) for p in people.bcc)
+        if people.reply_to:
+            data["ReplyTo"] = ", ".join(format_address(*p) for p in people.reply_to)
+        if message.text is not None:
+            data["TextBody"] = message.text
+        if message.html is not None:
+            data["HtmlBody"] = message.html
+        data["Headers"] = [{"Name": n, "Value": v} for n, v in custom_headers(message)]
+        if message.attachments:
+            data["Attachments"] = [
+                {
+                    "Name": a.filename,
+                    "Content": base64.b64encode(a.content).decode("ascii"),
+                    "ContentType": a.content_type,
+                }
+                for a in message.attachments
+            ]
+        if self.message_stream:
+            data["MessageStream"] = self.message_stream
+        return data
+
+    def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:
+        requests: list[ApiRequest] = []
+        entries: list[dict[str, Any]] = []
+        indexes: list[int] = []
+        size = 0
+        for index, message in enumerate(messages):
+            entry = self.payload(message)
+            # A rough size: attachments dominate, and base64 is what is counted.
+            entry_size = len(message.raw) + sum(
+                len(e.get("Content", "")) for e in entry.get("Attachments", [])
+            )
+            if entries and size + entry_size > MAX_REQUEST_BYTES:
+                requests.append(ApiRequest(indexes, "/email/batch", json=entries))
+                entries, indexes, size = [], [], 0
+            entries.append(entry)
+            indexes.append(index)
+            size += entry_size
+        if entries:
+            requests.append(ApiRequest(indexes, "/email/batch", json=entries))
+        return requests
+
+    def parse_response(
+        self, request: ApiRequest, response: httpx.Response, messages: Sequence[Message]
+    ) -> list[Outcome]:
+        results = json_body(response)
+        if not isinstance(results, list) or len(results) != len(messages):
+            raise ValueError(f"expected a list of {len(messages)} results")
+        outcomes = []
+        for result in results:
+            code = int(result["ErrorCode"])
+            text = str(result.get("Message", ""))
+            if code == 0:
+                outcomes.append(Outcome.sent(str(result["MessageID"])))
+            elif code == RATE_LIMITED:
+                outcomes.append(Outcome.transient(429, f"postmark: {text}"))
+            else:
+                outcomes.append(Outcome.permanent(code, f"postmark: ErrorCode {code}: {text}"))
+        return outcomes
