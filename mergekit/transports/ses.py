@@ -89,7 +89,7 @@ class SesTransport(HttpTransport):
             credentials = Credentials(unquote(url.parts.username), unquote(url.parts.password))
         else:
             found = Session().get_credentials()
-            credentials = found.get_frozen_credentials() if found is not None else None  # type: ignore[assignment]
+            credentials = found.get_frozen_credentials() if found is not None else None
         if credentials is None or not credentials.access_key or not credentials.secret_key:
             raise ConfigError(
                 "ses:// needs AWS credentials and none were found",

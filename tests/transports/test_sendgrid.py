@@ -1,0 +1,71 @@
+"""sendgrid: a 1,000-row campaign into the fake API, and what is particular to sendgrid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mergekit
+from tests.transports.api_campaign import FAST, TEMPLATE, make_campaign, run_campaign, url_for
+from tests.transports.fakeapi import FakeApi
+
+
+def test_campaign(api: FakeApi, keys_in_env: None, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_campaign("sendgrid", api, tmp_path, caplog, bad=0)
+
+
+def test_one_message_per_request_without_substitution(
+    api: FakeApi, keys_in_env: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_campaign("sendgrid", api, tmp_path, caplog, bad=0, extra="substitution=false", per_request=1)
+
+
+def test_template_with_tags_falls_back_to_one_per_request(
+    api: FakeApi, keys_in_env: None, tmp_path: Path
+) -> None:
+    template = TEMPLATE.replace("{{ city }}.", "{{ city | upper }}.")
+    campaign = make_campaign(tmp_path, 30, template=template)
+    mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert api.requests["sendgrid"] == 30
+    expected = campaign.expected()
+    for delivery in api.deliveries:
+        assert (delivery.subject, delivery.text) == expected[delivery.to[0]]
+
+
+def test_refused_shared_request_is_resent_one_by_one(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    campaign = make_campaign(tmp_path, 40, bad=1)
+    api.bad |= campaign.bad
+    report = mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert report.run.counts["sent"] == 39 and report.run.counts["failed"] == 1
+    assert api.requests["sendgrid"] == 1 + 40  # the shared request, then one per message
+    _, rows = mergekit.report(ledger_path=str(campaign.ledger), states=["failed"])
+    assert [row.last_text for row in rows] == [
+        'sendgrid: HTTP 400: [{"message": "Does not contain a valid address.", "field": "personalizations.0.to.0.email"}]'  # noqa: E501
+    ]
+
+
+def test_message_id_per_personalization(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    campaign = make_campaign(tmp_path, 5)
+    mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert api.requests["sendgrid"] == 1
+    assert len({d.headers["Message-ID"] for d in api.deliveries}) == 5
+    assert all(d.headers["X-Campaign"] == "spring" for d in api.deliveries)
