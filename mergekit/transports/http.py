@@ -59,7 +59,7 @@ from .base import Message, Outcome, Transport, TransportURL, is_loopback
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to open a TCP+TLS connection to the API
-READ_TIMEOUT = 60.0  # seconds for a reply: a 500-message batch can take the provider a while
+READ_TIMEOUT = 60.0  # seconds for a reply (``?timeout=``): a 500-message batch takes the provider a while
 WRITE_TIMEOUT = 60.0  # seconds to upload one request body (up to 50 MB on Postmark)
 MAX_RETRY_AFTER = 3600.0  # a Retry-After further out than this is capped: the row is deferred anyway
 ERROR_TEXT_LIMIT = 300  # characters of a provider's error body kept in an outcome's text
@@ -112,6 +112,12 @@ class HttpTransport(Transport):
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         super().__init__(url, concurrency=concurrency)
         self.base_url = self._base_url(url)
+        try:
+            self.timeout = float(url.query.get("timeout", READ_TIMEOUT))
+        except ValueError:
+            self.timeout = 0.0
+        if self.timeout <= 0:
+            raise ConfigError("?timeout= must be a positive number of seconds", option="--transport")
         self._secrets: list[str] = []
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -204,7 +210,7 @@ class HttpTransport(Transport):
             limits=limits,
             # pool=None: a request waits for a free connection as long as it takes;
             # ``_slots`` already bounds how many wait.
-            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
+            timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
             follow_redirects=False,
         )
         self._slots = asyncio.Semaphore(self.concurrency)

@@ -66,9 +66,10 @@ class Delivery:
 
 @dataclass
 class Injected:
-    status: int
+    status: int  # 0: no reply of its own, only a delay
     headers: dict[str, str]
     body: bytes
+    delay: float = 0.0
 
 
 class Reply(Exception):
@@ -107,12 +108,23 @@ class FakeApi:
         self._thread.join(5)
 
     def fail(
-        self, times: int, status: int, *, headers: dict[str, str] | None = None, body: Any = None
+        self,
+        times: int,
+        status: int,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        raw: bytes | None = None,
     ) -> None:
-        """The next ``times`` requests get ``status`` (before any check)."""
-        raw = json.dumps(body if body is not None else {"message": f"injected {status}"}).encode()
+        """The next ``times`` requests get ``status`` (before any check); ``raw`` is the body as is."""
+        if raw is None:
+            raw = json.dumps(body if body is not None else {"message": f"injected {status}"}).encode()
         for _ in range(times):
             self._injected.append(Injected(status, headers or {}, raw))
+
+    def delay(self, seconds: float) -> None:
+        """The next request is handled normally, but only after ``seconds``."""
+        self._injected.append(Injected(0, {}, b"", seconds))
 
     def next_id(self) -> str:
         with self._lock:
@@ -162,7 +174,9 @@ class FakeApi:
             if "idempotency-key" in headers:
                 self.keys_seen.append(headers["idempotency-key"])
             injected = self._injected.popleft() if self._injected else None
-        if injected is not None:
+        if injected is not None and injected.delay:
+            time.sleep(injected.delay)
+        if injected is not None and injected.status:
             raise Reply(injected.status, injected.body, injected.headers)
         handler = getattr(self, f"_{provider}", None)
         if handler is None:

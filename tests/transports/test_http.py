@@ -1,0 +1,216 @@
+"""What every HTTP transport shares (transports/http.py): keys, status classing, timeouts, redaction."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+import mergekit
+from mergekit.errors import ConfigError
+from mergekit.transports import transport_from_url
+from mergekit.transports.http import parse_retry_after
+from tests.conftest import run_cli
+from tests.transports.api_campaign import ENV, FAST, SECRETS, URLS, make_campaign, url_for
+from tests.transports.fakeapi import KEYS, FakeApi
+
+MISSING = {
+    "postmark": "POSTMARK_SERVER_TOKEN",
+    "resend": "RESEND_API_KEY",
+    "mailjet": "MJ_APIKEY_PUBLIC",
+    "sendgrid": "SENDGRID_API_KEY",
+    "mailgun": "MAILGUN_API_KEY",
+    "ses": "AWS_ACCESS_KEY_ID",
+    "nylas": "NYLAS_API_KEY",
+}
+
+
+@pytest.mark.parametrize("provider", sorted(MISSING))
+def test_missing_key_is_a_config_error_naming_the_variable(
+    provider: str, api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [*ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    campaign = make_campaign(tmp_path, 3)
+    with pytest.raises(ConfigError, match=MISSING[provider]) as raised:
+        mergekit.send(
+            campaign.csv,
+            campaign.template,
+            transport=url_for(provider, api),
+            ledger_path=str(campaign.ledger),
+            options=FAST,
+        )
+    assert raised.value.option == "--transport"
+    assert sum(api.requests.values()) == 0
+
+
+@pytest.mark.parametrize("provider", sorted(URLS))
+def test_bad_key_401_fails_the_rows_and_never_shows_a_key(
+    provider: str, api: FakeApi, keys_in_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = {
+        "postmark": "POSTMARK_SERVER_TOKEN",
+        "resend": "RESEND_API_KEY",
+        "mailjet": "MJ_APIKEY_PRIVATE",
+        "sendgrid": "SENDGRID_API_KEY",
+        "mailgun": "MAILGUN_API_KEY",
+        "ses": "AWS_SECRET_ACCESS_KEY",
+        "nylas": "NYLAS_API_KEY",
+        "webhook": "MERGEKIT_WEBHOOK_SECRET",
+    }[provider]
+    monkeypatch.setenv(wrong, "WRONG-KEY-SECRET")
+    campaign = make_campaign(tmp_path, 5)
+    report = mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for(provider, api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert report.run.counts["failed"] == 5
+    _, rows = mergekit.report(ledger_path=str(campaign.ledger))
+    for row in rows:
+        assert row.last_code in {401, 403}
+        assert "WRONG-KEY-SECRET" not in row.last_text
+
+
+def test_key_in_the_url_is_redacted_everywhere(api: FakeApi, tmp_path: Path) -> None:
+    campaign = make_campaign(tmp_path, 20)
+    url = f"postmark://:{KEYS['postmark']}@?base_url={api.base_url}"
+    env = {name: "" for name in ENV}
+    result = run_cli(
+        "send", str(campaign.csv), str(campaign.template), "--transport", url,
+        "--ledger", str(campaign.ledger), "--json", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sent"] == 20
+    status = run_cli("status", "--ledger", str(campaign.ledger), "--json", cwd=tmp_path, env=env)
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))
+    for secret in SECRETS:
+        assert secret not in result.stdout + result.stderr + status.stdout + status.stderr
+        assert secret.encode() not in stored
+    assert b"postmark://:***@" in stored
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    assert parse_retry_after("7") == 7.0
+    in_a_minute = parse_retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert in_a_minute is not None and 55 < in_a_minute <= 60
+    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
+    assert parse_retry_after("soon") is None
+
+
+def test_429_retry_after_is_honoured(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.fail(1, 429, headers={"Retry-After": "1"}, body={"ErrorCode": 429, "Message": "Rate limit exceeded"})
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("postmark", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 10
+    (_, first), (_, second) = api.request_times
+    assert second - first >= 0.95  # backoff alone would be 0.05 s
+
+
+def test_sendgrid_rate_limit_reset_header_is_honoured(
+    api: FakeApi, keys_in_env: None, tmp_path: Path
+) -> None:
+    api.fail(1, 429, headers={"X-RateLimit-Reset": str(int(time.time()) + 2)})
+    campaign = make_campaign(tmp_path, 5)
+    mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    (_, first), (_, second) = api.request_times
+    assert second - first >= 0.9
+
+
+def test_unreadable_2xx_is_unknown_never_sent(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.fail(1, 200, raw=b"<html>proxy says hi</html>")
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("postmark", api),
+        ledger_path=str(campaign.ledger), options=replace(FAST, unknown="skip"),
+    )  # fmt: skip
+    assert report.run.counts["unknown"] == 10, report.run.counts
+    assert report.run.counts["sent"] == 0
+    assert report.exit_code == 3  # resumable: --unknown resend sends them again, same Message-IDs
+    _, rows = mergekit.report(ledger_path=str(campaign.ledger))
+    assert all("may have been sent" in row.last_text for row in rows)
+
+
+def test_5xx_then_success(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.fail(2, 503)
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("mailjet", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 10
+    assert api.requests["mailjet"] == 3
+
+
+def test_5xx_every_time_leaves_rows_deferred(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.fail(3, 502)
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("resend", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["deferred"] == 10
+    assert report.exit_code == 3
+
+
+def test_connection_refused_is_transient(keys_in_env: None, tmp_path: Path) -> None:
+    campaign = make_campaign(tmp_path, 5)
+    with FakeApi() as closed:
+        base = closed.base_url  # the port is free again once the server is gone
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=f"postmark://?base_url={base}",
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["deferred"] == 5
+
+
+def test_timeout_is_transient(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.delay(1.0)
+    campaign = make_campaign(tmp_path, 5)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("nylas", api, "timeout=0.3"),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 5
+    _, rows = mergekit.report(ledger_path=str(campaign.ledger))
+    assert max(row.attempts for row in rows) == 2
+
+
+def test_cleartext_base_url_only_to_loopback(keys_in_env: None) -> None:
+    with pytest.raises(ConfigError, match="cleartext"):
+        transport_from_url("postmark://?base_url=http://api.example.com")
+    assert (
+        transport_from_url("postmark://?base_url=http://localhost:8080").base_url == "http://localhost:8080"
+    )
+    eu = transport_from_url("mailgun://mg.example.com?base_url=https://api.eu.mailgun.net")
+    assert eu.base_url == "https://api.eu.mailgun.net"
+
+
+def test_unknown_scheme_lists_the_http_ones() -> None:
+    with pytest.raises(ConfigError) as raised:
+        transport_from_url("sparkpost://")
+    for scheme in (
+        "postmark://",
+        "resend://",
+        "mailjet://",
+        "sendgrid://",
+        "mailgun://",
+        "ses://",
+        "nylas://",
+    ):
+        assert scheme in str(raised.value)
