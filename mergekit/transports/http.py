@@ -63,6 +63,9 @@ READ_TIMEOUT = 60.0  # seconds for a reply (``?timeout=``): a 500-message batch 
 WRITE_TIMEOUT = 60.0  # seconds to upload one request body (up to 50 MB on Postmark)
 MAX_RETRY_AFTER = 3600.0  # a Retry-After further out than this is capped: the row is deferred anyway
 ERROR_TEXT_LIMIT = 300  # characters of a provider's error body kept in an outcome's text
+# Refusals of a shared request that say nothing about its messages (auth, endpoint, rate):
+# resending them one by one would only repeat the refusal.
+NO_FALLBACK = frozenset({401, 403, 404, 429})
 # Headers the providers take as fields of their own, never as custom headers.
 ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "subject"})
 
@@ -90,8 +93,8 @@ class ApiRequest:
     headers: dict[str, str] = field(default_factory=dict)
     context: Any = None
     # Requests that carry the same messages one by one: sent instead when this
-    # shared (substitution) request is refused with a 4xx other than 429, so one
-    # bad address does not fail every recipient of the batch.
+    # shared (substitution) request is refused with a 4xx that may be about one
+    # message (not 401/403/404/429), so one bad address does not fail them all.
     fallback: list[ApiRequest] | None = None
 
 
@@ -144,7 +147,9 @@ class HttpTransport(Transport):
             )
         return base.rstrip("/")
 
-    def secret(self, env: str, *, url_value: str | None = None, query: Sequence[str] = ()) -> str:
+    def secret(
+        self, env: str, *, url_value: str | None = None, query: Sequence[str] = ("key", "token", "api_key")
+    ) -> str:
         """A secret from the URL (``url_value``, then ``?query`` names) or else ``$env``.
 
         :raises ConfigError: none given, naming the environment variable.
@@ -260,7 +265,7 @@ class HttpTransport(Transport):
                 text = self.scrub(f"{self.name}: {type(err).__name__}: {err}")
                 return [Outcome.transient(None, text)] * count
         outcomes = self._classify(request, response, carried)
-        if request.fallback and 400 <= response.status_code < 500 and response.status_code != 429:
+        if request.fallback and 400 <= response.status_code < 500 and response.status_code not in NO_FALLBACK:
             log.info(
                 "%s refused a shared request (HTTP %d); sending its %d messages one by one",
                 self.name,

@@ -66,7 +66,7 @@ class MailgunTransport(HttpTransport):
             raise ConfigError(
                 f"{url.redacted} names no sending domain", option="--transport", hint="Use mailgun://DOMAIN"
             )
-        self._key = self.secret("MAILGUN_API_KEY", url_value=url.parts.password, query=("key", "api_key"))
+        self._key = self.secret("MAILGUN_API_KEY", url_value=url.parts.password)
         self.testmode = url.flag("testmode", False)
         self.use_substitution = url.flag("substitution", True)
         self.plan: SubstitutionPlan | None = None

@@ -46,7 +46,7 @@ class MailjetTransport(HttpTransport):
             raise ConfigError(
                 "mailjet:// takes PUBLIC:PRIVATE@, not a private key alone", option="--transport"
             )
-        self._public = self.secret("MJ_APIKEY_PUBLIC", url_value=username)
+        self._public = self.secret("MJ_APIKEY_PUBLIC", url_value=username, query=())
         self._private = self.secret("MJ_APIKEY_PRIVATE", url_value=url.parts.password, query=("secret",))
         self.sandbox = url.flag("sandbox", False)
 

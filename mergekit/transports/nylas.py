@@ -48,7 +48,7 @@ class NylasTransport(HttpTransport):
             raise ConfigError(
                 f"{url.redacted} names no grant", option="--transport", hint="Use nylas://GRANT_ID"
             )
-        self._key = self.secret("NYLAS_API_KEY", url_value=url.parts.password, query=("key",))
+        self._key = self.secret("NYLAS_API_KEY", url_value=url.parts.password)
 
     def default_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}"}

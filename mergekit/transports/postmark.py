@@ -45,7 +45,7 @@ class PostmarkTransport(HttpTransport):
 
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         super().__init__(url, concurrency=concurrency)
-        self._token = self.secret("POSTMARK_SERVER_TOKEN", url_value=url.parts.password, query=("token",))
+        self._token = self.secret("POSTMARK_SERVER_TOKEN", url_value=url.parts.password)
         self.message_stream = url.query.get("message_stream")
 
     def default_headers(self) -> dict[str, str]:

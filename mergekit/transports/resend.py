@@ -47,7 +47,7 @@ class ResendTransport(HttpTransport):
 
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         super().__init__(url, concurrency=concurrency)
-        self._key = self.secret("RESEND_API_KEY", url_value=url.parts.password, query=("key",))
+        self._key = self.secret("RESEND_API_KEY", url_value=url.parts.password)
 
     def default_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}"}

@@ -62,7 +62,7 @@ class SendgridTransport(HttpTransport):
 
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         super().__init__(url, concurrency=concurrency)
-        self._key = self.secret("SENDGRID_API_KEY", url_value=url.parts.password, query=("key", "api_key"))
+        self._key = self.secret("SENDGRID_API_KEY", url_value=url.parts.password)
         self.sandbox = url.flag("sandbox", False)
         self.use_substitution = url.flag("substitution", True)
         self.plan: SubstitutionPlan | None = None

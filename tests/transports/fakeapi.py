@@ -147,6 +147,16 @@ class FakeApi:
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass
 
+            def do_GET(self) -> None:  # /stats: what the server saw, for benchmarks
+                payload = json.dumps(
+                    {"requests": dict(api.requests), "deliveries": len(api.deliveries)}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
