@@ -152,11 +152,15 @@ def main() -> None:
     print(f"Same {rows}-row campaign (tests/helpers.py template), --concurrency {concurrency}, one run:\n")
     print("| transport | into | msg/s | exchanges per message |")
     print("|---|---|---|---|")
-    print(f"| postmark:// (batch of 500) | local stand-in API (Python) | {http_rate:.0f} "
-          f"| {http_requests / rows:.4f} HTTP requests ({http_requests} in all) |")
-    print(f"| smtp:// (pool of {concurrency}) | Postfix smtp-sink | {smtp_rate:.0f} "
-          f"| {counter.commands / rows:.2f} SMTP commands ({counter.commands} in all, "
-          f"{counter.connections} connections) |")
+    print(
+        f"| postmark:// (batch of 500) | local stand-in API (Python) | {http_rate:.0f} "
+        f"| {http_requests / rows:.4f} HTTP requests ({http_requests} in all) |"
+    )
+    print(
+        f"| smtp:// (pool of {concurrency}) | Postfix smtp-sink | {smtp_rate:.0f} "
+        f"| {counter.commands / rows:.2f} SMTP commands ({counter.commands} in all, "
+        f"{counter.connections} connections) |"
+    )
     print("\nRequests per 10,000 rows (substitution: one shared body, up to 1,000 recipients a request):\n")
     print("| provider | with substitution | without (?substitution=false) |")
     print("|---|---|---|")

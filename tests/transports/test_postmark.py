@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import mergekit
-from tests.transports.api_campaign import FAST, make_campaign, run_campaign, url_for
+from mergekit.transports import transport_from_url
+from tests.transports.api_campaign import FAST, TEMPLATE, make_campaign, run_campaign, url_for
 from tests.transports.fakeapi import FakeApi
 
 
@@ -42,3 +43,19 @@ def test_fields_as_postmark_documents_them(api: FakeApi, keys_in_env: None, tmp_
     first = api.deliveries[0]
     assert first.headers["X-Campaign"] == "spring"
     assert first.headers["Message-ID"].startswith("<")
+
+
+def test_a_batch_over_50_mb_is_split(keys_in_env: None, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mergekit.render import Template, TemplateSource
+    from mergekit.transports.base import Attachment
+
+    compiled = Template(TemplateSource.parse(TEMPLATE), campaign="c")
+    big = Attachment("big.bin", "application/octet-stream", b"\0" * (15 * 1024 * 1024))
+    row = {"email": "a@example.org", "name": "A", "code": "1", "city": "X"}
+    messages = [replace(compiled.render(row, row=i, key=str(i)), attachments=(big,)) for i in range(4)]
+    transport = transport_from_url("postmark://")
+    requests = transport.build_requests(messages)  # type: ignore[attr-defined]
+    # 15 MB is 20 MB of base64: two per request under the 50 MB cap.
+    assert [r.indexes for r in requests] == [[0, 1], [2, 3]]
