@@ -150,6 +150,11 @@ class SubstitutionPlan:
         body_source = getattr(source, "body_source", None)
         if not isinstance(header_source, str) or not isinstance(body_source, str):
             return None, "template has no header block and body source"
+        kind = getattr(getattr(template, "kind", None), "kind", "text/plain")
+        if kind != "text/plain":
+            # HTML, Markdown and multipart bodies derive one part from the other (html_to_text,
+            # markdown_to_html): neither is a plain substitution of one source.
+            return None, f"the body is {kind}, not text/plain"
         if "{%" in header_source:
             return None, "the header block uses Jinja tags"
         lines = header_source.split("\n")
@@ -192,10 +197,11 @@ class Grouping:
     singles: list[int]
 
 
-def shared_key(message: Message) -> tuple[Any, ...] | None:
+def shared_key(message: Message, *, per_recipient_headers: bool = False) -> tuple[Any, ...] | None:
     """What messages must have in common to share one request body; None if it cannot share.
 
-    A shared request has one From, Reply-To, set of custom headers and part
+    A shared request has one From, Reply-To, set of custom headers (unless the
+    provider takes headers per recipient: ``per_recipient_headers``) and part
     structure, and one recipient per message (To only: a Cc or Bcc would be
     copied to every recipient of the batch); attachments go on their own.
     """
@@ -207,7 +213,7 @@ def shared_key(message: Message) -> tuple[Any, ...] | None:
     return (
         message.header("From"),
         tuple(people.reply_to),
-        tuple(custom_headers(message, message_id=False)),
+        () if per_recipient_headers else tuple(custom_headers(message, message_id=False)),
         message.text is None,
         message.html is None,
     )
@@ -220,6 +226,7 @@ def group_messages(
     max_size: int,
     unsafe: Callable[[str], bool],
     fits: Callable[[MessageValues], bool] = lambda _: True,
+    per_recipient_headers: bool = False,
 ) -> Grouping:
     """Group ``messages`` for the plan; ``unsafe(value)`` and ``not fits(values)`` send one alone.
 
@@ -229,7 +236,7 @@ def group_messages(
     singles: list[int] = []
     by_key: dict[tuple[Any, ...], list[tuple[list[tuple[int, MessageValues]], set[str]]]] = {}
     for index, message in enumerate(messages):
-        key = shared_key(message)
+        key = shared_key(message, per_recipient_headers=per_recipient_headers)
         values = plan.values(message) if key is not None else None
         if key is None or values is None or not fits(values) or any(unsafe(v) for v in values.all_values()):
             singles.append(index)

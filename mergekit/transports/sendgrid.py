@@ -17,7 +17,8 @@ https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-ap
 - Bulk form: "The personalization block is limited to 1000 personalizations
   per API request" and "a limit of 1000 total recipients (to + cc + bcc) per
   request"; "Each address may appear only once". Each personalization has
-  its own ``subject``, ``headers`` (our Message-ID) and ``substitutions``,
+  its own ``subject``, ``headers`` (our Message-ID and every custom header,
+  so a per-row List-Unsubscribe does not split a request) and ``substitutions``,
   which "apply to the text and html content of the body of your email". With
   a plain-substitution template (:mod:`mergekit.substitution`), one shared
   ``content`` carries tags like ``-<nonce>t0-`` and each personalization the
@@ -95,9 +96,6 @@ class SendgridTransport(HttpTransport):
         if message.html is not None:
             content.append({"type": "text/html", "value": message.html})
         data["content"] = content
-        headers = dict(custom_headers(message, message_id=False))
-        if headers:
-            data["headers"] = headers
         if message.attachments:
             data["attachments"] = [
                 {
@@ -118,7 +116,9 @@ class SendgridTransport(HttpTransport):
             entry["cc"] = [_contact(*p) for p in people.cc]
         if people.bcc:
             entry["bcc"] = [_contact(*p) for p in people.bcc]
-        entry["headers"] = {"Message-ID": message.message_id}
+        # Headers go per personalization, so rows whose List-Unsubscribe (or any header) differs
+        # can still share one request.
+        entry["headers"] = dict(custom_headers(message))
         entry["custom_args"] = {"mergekit_message_id": message.message_id}
         return entry
 
@@ -141,7 +141,12 @@ class SendgridTransport(HttpTransport):
             return [self._single(i, m) for i, m in enumerate(messages)]
         plan = self.plan
         grouping = group_messages(
-            plan, messages, max_size=MAX_PERSONALIZATIONS, unsafe=lambda v: self._nonce in v, fits=self._fits
+            plan,
+            messages,
+            max_size=MAX_PERSONALIZATIONS,
+            unsafe=lambda v: self._nonce in v,
+            fits=self._fits,
+            per_recipient_headers=True,
         )
         requests = []
         for group in grouping.groups:

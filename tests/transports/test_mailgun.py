@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import mergekit
+from mergekit.campaign import ContentOptions
 from tests.transports.api_campaign import FAST, TEMPLATE, make_campaign, run_campaign, url_for
 from tests.transports.fakeapi import FakeApi
 
@@ -47,3 +48,18 @@ def test_template_text_with_mailgun_syntax_turns_the_path_off(
         options=FAST,
     )
     assert api.requests["mailgun"] == 12
+
+
+def test_per_row_headers_split_the_shared_request(
+    api: FakeApi, keys_in_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mailgun has no per-recipient header in batch form: rows with their own List-Unsubscribe go alone."""
+    monkeypatch.setenv("MERGEKIT_UNSUBSCRIBE_SECRET", "unsub-secret")
+    campaign = make_campaign(tmp_path, 6)
+    content = ContentOptions(unsubscribe_url="https://example.com/u?e={email}")
+    mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("mailgun", api),
+        ledger_path=str(campaign.ledger), options=FAST, content=content,
+    )  # fmt: skip
+    assert api.requests["mailgun"] == 6
+    assert len({d.headers["List-Unsubscribe"] for d in api.deliveries}) == 6

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import mergekit
+from mergekit.campaign import ContentOptions
 from tests.transports.api_campaign import FAST, TEMPLATE, make_campaign, run_campaign, url_for
 from tests.transports.fakeapi import FakeApi
 
@@ -69,3 +70,37 @@ def test_message_id_per_personalization(api: FakeApi, keys_in_env: None, tmp_pat
     assert api.requests["sendgrid"] == 1
     assert len({d.headers["Message-ID"] for d in api.deliveries}) == 5
     assert all(d.headers["X-Campaign"] == "spring" for d in api.deliveries)
+
+
+def test_per_row_list_unsubscribe_still_shares_a_request(
+    api: FakeApi, keys_in_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERGEKIT_UNSUBSCRIBE_SECRET", "unsub-secret")
+    template = TEMPLATE + "Leave: {{ unsubscribe_url }}\n"
+    campaign = make_campaign(tmp_path, 50, template=template)
+    content = ContentOptions(unsubscribe_url="https://example.com/u?e={email}")
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger), options=FAST, content=content,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 50
+    assert api.requests["sendgrid"] == 1
+    unsubscribes = {d.headers["List-Unsubscribe"] for d in api.deliveries}
+    assert len(unsubscribes) == 50
+    for delivery in api.deliveries:
+        assert delivery.text is not None
+        assert delivery.headers["List-Unsubscribe"].strip("<>") in delivery.text
+
+
+def test_markdown_template_goes_one_per_request_intact(
+    api: FakeApi, keys_in_env: None, tmp_path: Path
+) -> None:
+    markdown = TEMPLATE.replace("X-Campaign: spring\n", "X-Campaign: spring\nContent-Type: text/markdown\n")
+    campaign = make_campaign(tmp_path, 8, template=markdown + "\n**bold** {{ name }}\n")
+    mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("sendgrid", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert api.requests["sendgrid"] == 8
+    for delivery in api.deliveries:
+        assert delivery.html is not None and "<strong>bold</strong>" in delivery.html
