@@ -179,6 +179,9 @@ class Dispatcher:
         self.limiter: RateLimiter | SharedRateLimiter = shared or RateLimiter(options.rate)
         self.this_run: Counter[str] = Counter()
         self._stopping = asyncio.Event()
+        # Rows that became unknown after this moment (a reply lost in this run) wait for the
+        # next run or ``retry``: the run does not resend what it may just have delivered.
+        self._started_at = time.time()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._wait = tenacity.wait_exponential_jitter(
             multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
@@ -256,6 +259,7 @@ class Dispatcher:
                 self.batch_size,
                 states=self._states,
                 due_before=time.time() if self.options.due_only else None,
+                unknown_before=self._started_at,
             )
             if not claimed:
                 return

@@ -169,12 +169,20 @@ class Ledger(ABC):
 
     @abstractmethod
     def claim(
-        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+        self,
+        campaign: Campaign,
+        limit: int,
+        *,
+        states: Sequence[str],
+        due_before: float | None,
+        unknown_before: float | None = None,
     ) -> list[ClaimedRow]:
         """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in row order.
 
         ``deferred`` rows are claimed only when due (``next_attempt_at <= due_before``)
-        unless ``due_before`` is None.
+        unless ``due_before`` is None; ``unknown`` rows only if they became unknown
+        before ``unknown_before`` (a run resends what earlier runs left unknown, not
+        what its own lost replies made unknown), unless it is None.
         """
 
     @abstractmethod
@@ -439,7 +447,13 @@ class SqliteLedger(Ledger):
         return cursor.rowcount
 
     def claim(
-        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+        self,
+        campaign: Campaign,
+        limit: int,
+        *,
+        states: Sequence[str],
+        due_before: float | None,
+        unknown_before: float | None = None,
     ) -> list[ClaimedRow]:
         claimed: list[ClaimedRow] = []
         now = time.time()
@@ -447,15 +461,13 @@ class SqliteLedger(Ledger):
             for state in states:
                 if len(claimed) >= limit:
                     break
-                due = "AND next_attempt_at <= ?" if state == "deferred" and due_before else ""
-                args: tuple[Any, ...] = (campaign.id, state)
-                if due:
-                    args += (due_before,)
+                condition, bound = claim_condition(state, due_before, unknown_before)
                 rows = self._db.execute(
                     "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN"
-                    f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ? {due}"
-                    " ORDER BY id LIMIT ?) RETURNING id, row, key, data, attempts",
-                    (now, *args, limit - len(claimed)),
+                    f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ?"
+                    f" {condition.replace('%s', '?')} ORDER BY id LIMIT ?)"
+                    " RETURNING id, row, key, data, attempts",
+                    (now, campaign.id, state, *bound, limit - len(claimed)),
                 ).fetchall()
                 claimed.extend(ClaimedRow(i, r, k, json.loads(d), a, state) for i, r, k, d, a in rows)
         claimed.sort(key=lambda row: row.id)
@@ -584,6 +596,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def claim_condition(
+    state: str, due_before: float | None, unknown_before: float | None
+) -> tuple[str, tuple[float, ...]]:
+    """The extra ``AND …`` (with ``%s`` placeholders) that limits a claim of ``state``, and its values."""
+    if state == "deferred" and due_before is not None:
+        return "AND next_attempt_at <= %s", (due_before,)
+    if state == "unknown" and unknown_before is not None:
+        return "AND updated_at <= %s", (unknown_before,)
+    return "", ()
 
 
 def open_ledger(location: str) -> Ledger:

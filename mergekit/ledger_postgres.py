@@ -55,6 +55,7 @@ from .ledger import (
     Ledger,
     LedgerRow,
     RowUpdate,
+    claim_condition,
 )
 from .source import SourceRow
 from .transports.base import redact_url
@@ -356,7 +357,13 @@ class PostgresLedger(Ledger):
         return max(cursor.rowcount, 0)
 
     def claim(
-        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+        self,
+        campaign: Campaign,
+        limit: int,
+        *,
+        states: Sequence[str],
+        due_before: float | None,
+        unknown_before: float | None = None,
     ) -> list[ClaimedRow]:
         self.recover(campaign)
         claimed: list[ClaimedRow] = []
@@ -365,10 +372,11 @@ class PostgresLedger(Ledger):
             for state in states:
                 if len(claimed) >= limit:
                     break
-                due = "AND next_attempt_at <= %(due)s" if state == "deferred" and due_before else ""
+                condition, bound = claim_condition(state, due_before, unknown_before)
+                condition = condition.replace("%s", "%(bound)s")
                 rows = self._db.execute(
                     "WITH picked AS (SELECT id FROM mergekit_recipients"  # type: ignore[arg-type]
-                    f" WHERE campaign_id = %(campaign)s AND state = %(state)s {due}"
+                    f" WHERE campaign_id = %(campaign)s AND state = %(state)s {condition}"
                     " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                     " UPDATE mergekit_recipients r SET state = 'sending', worker_id = %(worker)s,"
                     " lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s),"
@@ -377,7 +385,7 @@ class PostgresLedger(Ledger):
                     {
                         "campaign": campaign.id,
                         "state": state,
-                        "due": due_before,
+                        "bound": bound[0] if bound else None,
                         "limit": limit - len(claimed),
                         "worker": self.worker_id,
                         "lease": self.lease,
