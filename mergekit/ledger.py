@@ -148,9 +148,49 @@ class Ledger(ABC):
     ) -> Campaign:
         """Create the campaign or check it against the template it was started with."""
 
-    @abstractmethod
     def find_campaign(self, name: str | None) -> Campaign:
         """The campaign named, or the only one, or else the most recent."""
+        if name is None:
+            found = self._latest_campaign()
+            if found is None:
+                raise LedgerError(
+                    "the ledger holds no campaign yet",
+                    path=self.path,
+                    hint="Run mergekit send first, or pass the right --ledger",
+                )
+            return found
+        found = self._campaign_named(name)
+        if found is None:
+            names = self._campaign_names()
+            raise LedgerError(
+                f"there is no campaign {name!r}"
+                + (f"; it holds {', '.join(map(repr, names))}" if names else "; it is empty"),
+                path=self.path,
+                hint="Name one of its campaigns with --campaign",
+            )
+        return found
+
+    @abstractmethod
+    def _campaign_named(self, name: str) -> Campaign | None:
+        """The campaign called ``name``, if any."""
+
+    @abstractmethod
+    def _latest_campaign(self) -> Campaign | None:
+        """The campaign most recently opened by a ``send``, if any."""
+
+    @abstractmethod
+    def _campaign_names(self) -> list[str]:
+        """Every campaign's name, sorted."""
+
+    def _check_template(self, existing: Campaign, fingerprint: str, allow_template_change: bool) -> None:
+        """Refuse to resume ``existing`` with another template unless allowed."""
+        if existing.template_fingerprint != fingerprint and not allow_template_change:
+            raise LedgerError(
+                f"the template changed since campaign {existing.name!r} started ({existing.template_path})",
+                path=self.path,
+                hint="Pass --allow-template-change to send the remaining rows with the new "
+                "template, or --campaign NAME to start a new campaign",
+            )
 
     @abstractmethod
     def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
@@ -330,14 +370,8 @@ class SqliteLedger(Ledger):
                     now,
                 ),
             )
-        elif existing.template_fingerprint != fingerprint and not allow_template_change:
-            raise LedgerError(
-                f"the template changed since campaign {name!r} started ({existing.template_path})",
-                path=self.path,
-                hint="Pass --allow-template-change to send the remaining rows with the new "
-                "template, or --campaign NAME to start a new campaign",
-            )
         else:
+            self._check_template(existing, fingerprint, allow_template_change)
             self._db.execute(
                 "UPDATE campaigns SET template_path = ?, template_source = ?, "
                 "template_fingerprint = ?, transport = ?, settings = ?, updated_at = ? WHERE id = ?",
@@ -355,26 +389,14 @@ class SqliteLedger(Ledger):
         assert found is not None
         return found
 
-    def find_campaign(self, name: str | None) -> Campaign:
-        if name is not None:
-            found = self._campaign_where("name = ?", (name,))
-            if found is None:
-                names = [r[0] for r in self._db.execute("SELECT name FROM campaigns ORDER BY name")]
-                raise LedgerError(
-                    f"there is no campaign {name!r}"
-                    + (f"; it holds {', '.join(map(repr, names))}" if names else "; it is empty"),
-                    path=self.path,
-                    hint="Name one of its campaigns with --campaign",
-                )
-            return found
-        found = self._campaign_where("1 = 1 ORDER BY updated_at DESC, id DESC LIMIT 1", ())
-        if found is None:
-            raise LedgerError(
-                "the ledger holds no campaign yet",
-                path=self.path,
-                hint="Run mergekit send first, or pass the right --ledger",
-            )
-        return found
+    def _campaign_named(self, name: str) -> Campaign | None:
+        return self._campaign_where("name = ?", (name,))
+
+    def _latest_campaign(self) -> Campaign | None:
+        return self._campaign_where("1 = 1 ORDER BY updated_at DESC, id DESC LIMIT 1", ())
+
+    def _campaign_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM campaigns ORDER BY name")]
 
     def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
         row = self._db.execute(

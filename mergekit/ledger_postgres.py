@@ -226,13 +226,7 @@ class PostgresLedger(Ledger):
             )
             existing = self._campaign_where("name = %s FOR UPDATE", (name,))
             assert existing is not None
-            if existing.template_fingerprint != fingerprint and not allow_template_change:
-                raise LedgerError(
-                    f"the template changed since campaign {name!r} started ({existing.template_path})",
-                    path=self.path,
-                    hint="Pass --allow-template-change to send the remaining rows with the new "
-                    "template, or --campaign NAME to start a new campaign",
-                )
+            self._check_template(existing, fingerprint, allow_template_change)
             self._db.execute(
                 "UPDATE mergekit_campaigns SET template_path = %s, template_source = %s,"
                 " template_fingerprint = %s, transport = %s, settings = %s, updated_at = %s WHERE id = %s",
@@ -250,26 +244,14 @@ class PostgresLedger(Ledger):
         assert found is not None
         return found
 
-    def find_campaign(self, name: str | None) -> Campaign:
-        if name is not None:
-            found = self._campaign_where("name = %s", (name,))
-            if found is None:
-                names = [r[0] for r in self._db.execute("SELECT name FROM mergekit_campaigns ORDER BY name")]
-                raise LedgerError(
-                    f"there is no campaign {name!r}"
-                    + (f"; it holds {', '.join(map(repr, names))}" if names else "; it is empty"),
-                    path=self.path,
-                    hint="Name one of its campaigns with --campaign",
-                )
-            return found
-        found = self._campaign_where("true ORDER BY updated_at DESC, id DESC LIMIT 1", ())
-        if found is None:
-            raise LedgerError(
-                "the ledger holds no campaign yet",
-                path=self.path,
-                hint="Run mergekit send first, or pass the right --ledger",
-            )
-        return found
+    def _campaign_named(self, name: str) -> Campaign | None:
+        return self._campaign_where("name = %s", (name,))
+
+    def _latest_campaign(self) -> Campaign | None:
+        return self._campaign_where("true ORDER BY updated_at DESC, id DESC LIMIT 1", ())
+
+    def _campaign_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM mergekit_campaigns ORDER BY name")]
 
     def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
         row = self._db.execute(
