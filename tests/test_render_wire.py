@@ -62,9 +62,7 @@ def test_ascii_message_is_strictly_valid_7bit() -> None:
 
 def test_non_ascii_headers_and_body_round_trip_strictly() -> None:
     name = "Amélie Dubois-Ærøskøbing 日本"
-    raw = build(
-        name=name, email="amelie@example.org", subject=f"Bienvenue, {name} ✓", body=f"Chère {name},"
-    )
+    raw = build(name=name, email="amelie@example.org", subject=f"Bienvenue, {name} ✓", body=f"Chère {name},")
     head = raw.split(b"\r\n\r\n")[0]
     assert head.isascii()
     assert all(len(line) <= 78 for line in lines(head))
