@@ -215,6 +215,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     UNIQUE (campaign_id, key, occurrence)
 );
 CREATE INDEX IF NOT EXISTS recipients_by_state ON recipients (campaign_id, state, next_attempt_at);
+-- claim() takes rows of a state in id order: without this index every claim sorts
+-- all the rows in that state (a temp b-tree), which grows with the campaign.
+CREATE INDEX IF NOT EXISTS recipients_to_claim ON recipients (campaign_id, state, id);
 """
 
 
