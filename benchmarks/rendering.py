@@ -61,8 +61,12 @@ def jinja_only(template: Template, rows: list[dict[str, str]]) -> None:
         body.render(row)
 
 
-def rate(fn: Callable[[Template, list[dict[str, str]]], None], template: Template,
-         rows: list[dict[str, str]], repeats: int = 3) -> float:
+def rate(
+    fn: Callable[[Template, list[dict[str, str]]], None],
+    template: Template,
+    rows: list[dict[str, str]],
+    repeats: int = 3,
+) -> float:
     """Best of ``repeats`` runs, rows per second (best-of filters out other processes' bursts)."""
     best = float("inf")
     for _ in range(repeats):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -216,10 +217,16 @@ class Dispatcher:
 
     async def run(self) -> RunResult:
         started = time.monotonic()
+        counts = self.ledger.counts(self.campaign)
+        to_send = sum(counts[state] for state in self._states)
+        if to_send:
+            # Even shares: every worker gets the same number of batches, so no
+            # connection idles while others finish a last round.
+            rounds = math.ceil(to_send / (self.options.concurrency * self.batch_size))
+            self.batch_size = max(1, math.ceil(to_send / (self.options.concurrency * rounds)))
         processes = self.options.render_processes
         if processes is None:
-            counts = self.ledger.counts(self.campaign)
-            processes = default_processes(sum(counts[state] for state in self._states))
+            processes = default_processes(to_send)
         # Started before the ledger thread exists: a forked worker copies no thread.
         self._renderer = Renderer(self.template, processes)
         await self._renderer.start()
@@ -386,6 +393,9 @@ class Dispatcher:
             self.this_run["would_send"] += len(rendered)
             await self._record(updates)
             self.on_progress(Counter(would_send=len(rendered)))
+            return
+        if not rendered:  # every row of the batch was invalid: nothing to send
+            await self._record(updates)
             return
         await self._send_with_retries(rendered, updates)
 
