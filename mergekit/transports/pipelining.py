@@ -58,6 +58,7 @@ class ReplyReader(asyncio.Protocol):
         self._lines: list[str] = []
         self._replies: collections.deque[Reply] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 1  # replies queued before the waiter is woken
         self._gone: str | None = None
 
     @classmethod
@@ -107,6 +108,22 @@ class ReplyReader(asyncio.Protocol):
             raise Gone(self._gone or "connection closing")
         self.transport.write(data)
 
+    async def ready(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` replies are queued or the connection is gone (one wake-up,
+        not one per reply); never raises: the reads that follow say what was lost."""
+        if len(self._replies) >= count or self._gone is not None:
+            return
+        self._wanted = count
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._waiter, timeout)
+        except TimeoutError:
+            self._fail(f"no reply within {timeout:g} s")
+            self.transport.close()
+        finally:
+            self._waiter = None
+            self._wanted = 1
+
     async def read(self, timeout: float) -> Reply:
         """The next reply, in order; raise :class:`Gone` if none can come."""
         while not self._replies:
@@ -139,8 +156,13 @@ class ReplyReader(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        waiter = self._waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (len(self._replies) >= self._wanted or self._gone is not None)
+        ):
+            waiter.set_result(None)
 
 
 def commands(message: Message) -> bytes:
@@ -226,6 +248,7 @@ async def send_pipelined(
     flight: _InFlight | None = None
     reset_sent = False
     for index, message in enumerate(messages):
+        await reader.ready((flight is not None) + reset_sent + len(message.envelope_to) + 2, timeout)
         # 1. The previous message's end-of-data reply.
         if flight is not None:
             try:
@@ -282,6 +305,7 @@ async def send_pipelined(
                 outcomes.append(flight.decided or _lost_before(str(gone)))
             return outcomes, False
     # The last message's end-of-data reply, and the trailing RSET's.
+    await reader.ready((flight is not None) + reset_sent, timeout)
     if flight is not None:
         try:
             reply = await reader.read(timeout)
