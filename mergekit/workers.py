@@ -26,6 +26,8 @@ import signal
 import threading
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import fields
+from typing import Any
 
 from .errors import RenderError
 from .render import Template, TemplateSource
@@ -74,9 +76,17 @@ def _start_worker(text: str, path: str, campaign: str) -> None:
     _template = Template(TemplateSource.parse(text, path=path), campaign=campaign)
 
 
-def _render_in_worker(rows: Sequence[RowInput]) -> list[Rendered]:
+_MESSAGE_FIELDS = tuple(field.name for field in fields(Message))
+
+
+def _render_in_worker(rows: Sequence[RowInput]) -> list[tuple[Any, ...] | str]:
+    # Messages travel as tuples of their fields: unpickling a slotted dataclass
+    # looks up its fields again for every object, on the sending process's core.
     assert _template is not None, "worker not initialised"
-    return render_rows(_template, rows)
+    return [
+        result if isinstance(result, str) else tuple(getattr(result, name) for name in _MESSAGE_FIELDS)
+        for result in render_rows(_template, rows)
+    ]
 
 
 def _ready() -> int:
@@ -117,7 +127,8 @@ class Renderer:
     async def render(self, rows: Sequence[RowInput]) -> list[Rendered]:
         if self._pool is not None:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, _render_in_worker, rows)
+                found = await asyncio.get_running_loop().run_in_executor(self._pool, _render_in_worker, rows)
+                return [item if isinstance(item, str) else Message(*item) for item in found]
             except BrokenProcessPool:
                 log.warning("a render worker died; rendering in this process from now on")
                 self._drop_pool()
