@@ -236,10 +236,13 @@ async def send_pipelined(
         unless the connection was lost or closed with 421; at least one), and
         whether the connection can carry more.
     """
-    for message in messages:
+    for position, message in enumerate(messages):
         unsafe = [a for a in (message.envelope_from, *message.envelope_to) if _UNSAFE_ADDRESS.search(a)]
         if unsafe:  # render never lets these through; refuse rather than inject commands
-            raise ValueError(f"row {message.row}: unsafe envelope address {unsafe[0]!r}")
+            if position == 0:
+                return [Outcome.permanent(None, f"unsafe envelope address {unsafe[0]!r}")], True
+            messages = messages[:position]  # the caller comes back for the rest
+            break
     outcomes: list[Outcome] = []
     try:
         reader.write(commands(messages[0]))

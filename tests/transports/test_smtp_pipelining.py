@@ -340,3 +340,14 @@ def test_aiosmtpd_refusals_map_alike_with_and_without_pipelining(
         SENT,
     ]
     assert smtp_server.stats.opened == 1
+
+
+def test_an_unsafe_envelope_address_is_refused_not_sent() -> None:
+    import dataclasses
+
+    batch = messages(3)
+    batch[1] = dataclasses.replace(batch[1], envelope_to=("user2@example.org>\r\nRCPT TO:<x@example.net",))
+    script = Script()
+    outcomes = send(script, batch)
+    assert statuses(outcomes) == [SENT, (Status.PERMANENT, None), SENT]
+    assert subjects(script) == ["Hello User 1", "Hello User 3"]
