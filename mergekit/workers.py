@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # A run with fewer rows to send renders in-process: a worker costs ~50 ms to start.
 MIN_ROWS_FOR_WORKERS = 5000
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Batches a worker holds at once; past this the sending process renders the batch itself.
+QUEUED_PER_WORKER = 2
 
 RowInput = tuple[int, str, dict[str, str]]  # (row number, recipient key, data)
 Rendered = Message | str  # the message, or why the row is invalid
@@ -100,6 +102,7 @@ class Renderer:
         self.template = template
         self.processes = processes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._queued = 0  # batches handed to the workers and not yet back
 
     async def start(self) -> None:
         """Start the workers (before any other thread of this run, so ``fork`` is safe)."""
@@ -125,13 +128,18 @@ class Renderer:
             self._drop_pool()
 
     async def render(self, rows: Sequence[RowInput]) -> list[Rendered]:
-        if self._pool is not None:
+        """Render in a worker; when the workers already hold enough batches to stay busy,
+        render here instead, so the sending loop's idle time renders too."""
+        if self._pool is not None and self._queued < self.processes * QUEUED_PER_WORKER:
+            self._queued += 1
             try:
                 found = await asyncio.get_running_loop().run_in_executor(self._pool, _render_in_worker, rows)
                 return [item if isinstance(item, str) else Message(*item) for item in found]
             except BrokenProcessPool:
                 log.warning("a render worker died; rendering in this process from now on")
                 self._drop_pool()
+            finally:
+                self._queued -= 1
         return render_rows(self.template, rows)
 
     def close(self) -> None:
