@@ -167,7 +167,7 @@ def _dispatch(
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when installed (``pip install mergekit[fast]``) unless
-    ``MERGEKIT_UVLOOP=0``; it halves the sending loop's cost per message."""
+    ``MERGEKIT_UVLOOP=0``: a cheaper loop for a CPU-bound sender (docs/benchmarks)."""
     if os.environ.get("MERGEKIT_UVLOOP", "1") == "0":
         return None
     try:
