@@ -28,8 +28,9 @@ from tests.smtpd import free_port
 
 def start_sink() -> tuple[subprocess.Popen[str], int]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.sink", str(port)],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.sink", str(port)], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
     return process, port
 
@@ -56,9 +57,23 @@ def mergekit_run(folder: Path, port: int, rows: int, concurrency: int) -> float:
     recipients, template = write_campaign(folder, rows)
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "mergekit", "send", str(recipients), str(template), "--transport",
-         f"smtp://127.0.0.1:{port}", "--concurrency", str(concurrency), "--json"],
-        cwd=folder, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mergekit",
+            "send",
+            str(recipients),
+            str(template),
+            "--transport",
+            f"smtp://127.0.0.1:{port}",
+            "--concurrency",
+            str(concurrency),
+            "--json",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.perf_counter() - started
     found = json.loads(result.stdout)
@@ -89,10 +104,14 @@ def main() -> None:
         sink.wait()
     print(f"| run | rows | concurrency | msg/s | ratio |")
     print("|---|---|---|---|---|")
-    print(f"| plain aiosmtplib loop, pre-rendered ({len(message)} B) | {rows} | {concurrency} "
-          f"| {reference:.0f} | 1.00 |")
-    print(f"| mergekit send (CSV, render, ledger, SMTP) | {rows} | {concurrency} | {ours:.0f} "
-          f"| {ours / reference:.2f} |")
+    print(
+        f"| plain aiosmtplib loop, pre-rendered ({len(message)} B) | {rows} | {concurrency} "
+        f"| {reference:.0f} | 1.00 |"
+    )
+    print(
+        f"| mergekit send (CSV, render, ledger, SMTP) | {rows} | {concurrency} | {ours:.0f} "
+        f"| {ours / reference:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ are sent again after an exponential, jittered wait (tenacity's
 ``wait_exponential_jitter``, or the server's Retry-After if longer) up to
 ``max_attempts`` tries in this run, then left ``deferred`` with the time they
 may next be tried. Ledger calls run on one thread of their own so a slow
-commit never stalls the sending loop.
+commit never stalls the sending loop, in rounds: one round records every
+worker's waiting outcomes in one ``record`` and claims for every waiting worker
+in one ``claim`` (group commit), so the ledger's cost per row falls as the
+send rate rises. A large run renders in worker processes
+(:mod:`.workers`) so the loop's core is left to sending.
 
 Stopping (:meth:`Dispatcher.stop`, wired to SIGINT/SIGTERM by the caller):
 no new batch is claimed, batches in flight finish within ``stop_timeout``, and
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -30,10 +35,11 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from .errors import ConfigError, RenderError, TransportError
+from .errors import ConfigError, TransportError
 from .ledger import OPEN_STATES, Campaign, ClaimedRow, Ledger, RowUpdate, SharedRateLimiter
 from .render import Template
 from .transports.base import Message, Outcome, Status, Transport
+from .workers import Renderer, default_processes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,6 +117,7 @@ class SendOptions:
     defer_base: float = 60.0  # a deferred row's wait before the next run may try it; doubles
     defer_max: float = 3600.0
     stop_timeout: float = 30.0
+    render_processes: int | None = None  # worker processes that render; None: one per spare core
 
     def check(self) -> None:
         """Refuse impossible values, naming the option, before anything is sent."""
@@ -120,6 +127,8 @@ class SendOptions:
             raise ConfigError("must be at least 1", option="--batch-size")
         if self.max_attempts < 1:
             raise ConfigError("must be at least 1", option="--max-attempts")
+        if self.render_processes is not None and self.render_processes < 0:
+            raise ConfigError("must be at least 0", option="render_processes")
         if self.unknown not in {"resend", "skip"}:
             raise ConfigError("must be resend or skip", option="--unknown")
 
@@ -148,6 +157,15 @@ def campaign_exit_code(counts: dict[str, int]) -> int:
     if counts.get("failed", 0) or counts.get("invalid", 0):
         return 1
     return 0
+
+
+@dataclass
+class _Batch:
+    """A claimed batch: the rows, their messages, and the rows that failed to render."""
+
+    claimed: list[ClaimedRow]
+    rendered: list[tuple[ClaimedRow, Message]]
+    invalid: list[RowUpdate]
 
 
 class Dispatcher:
@@ -183,6 +201,10 @@ class Dispatcher:
         # next run or ``retry``: the run does not resend what it may just have delivered.
         self._started_at = time.time()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._claims: list[tuple[int, asyncio.Future[list[ClaimedRow]]]] = []
+        self._records: list[tuple[list[RowUpdate], asyncio.Future[list[ClaimedRow]]]] = []
+        self._ledger_task: asyncio.Task[None] | None = None
+        self._unconfirmed: list[asyncio.Future[list[ClaimedRow]]] = []
         self._wait = tenacity.wait_exponential_jitter(
             multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
         )
@@ -191,6 +213,7 @@ class Dispatcher:
         if options.include_failed:
             states.append("failed")
         self._states = tuple(states)
+        self._renderer = Renderer(template, 0)
 
     def stop(self) -> None:
         """Stop claiming; batches in flight finish (see ``stop_timeout``)."""
@@ -201,13 +224,32 @@ class Dispatcher:
     async def run(self) -> RunResult:
         started = time.monotonic()
         self.transport.prepare(self.template)
+        counts = self.ledger.counts(self.campaign)
+        to_send = sum(counts[state] for state in self._states)
+        if to_send and not self.transport.batch_is_request:
+            # Even shares: every worker gets the same number of batches, so no
+            # connection idles while others finish a last round. (Where a batch is
+            # one API request, fewer and fuller requests matter more.)
+            rounds = math.ceil(to_send / (self.options.concurrency * self.batch_size))
+            self.batch_size = max(1, math.ceil(to_send / (self.options.concurrency * rounds)))
+        processes = self.options.render_processes
+        if processes is None:
+            processes = default_processes(to_send)
+        # Started before the ledger thread exists: a forked worker copies no thread.
+        self._renderer = Renderer(self.template, processes)
+        await self._renderer.start()
         try:
             if self.options.dry_run:
                 await self._run_workers()
             else:
                 async with self.transport:
                     await self._run_workers()
+            await asyncio.gather(*self._unconfirmed)  # raise a commit's failure
         finally:
+            if self._ledger_task is not None:
+                await asyncio.gather(self._ledger_task, return_exceptions=True)
+            await asyncio.gather(*self._unconfirmed, return_exceptions=True)
+            self._renderer.close()
             self._executor.shutdown(wait=True)
         counts = self.ledger.counts(self.campaign)
         if self.options.dry_run:
@@ -251,28 +293,109 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _worker(self) -> None:
-        while not self._stopping.is_set():
-            claimed = await self._db(
-                self.ledger.claim,
-                self.campaign,
-                self.batch_size,
-                states=self._states,
-                due_before=time.time() if self.options.due_only else None,
-                unknown_before=self._started_at,
-            )
-            if not claimed:
-                return
-            await self._handle(claimed)
+    async def _claim(self) -> list[ClaimedRow]:
+        """Up to a batch of rows, claimed in the next ledger round."""
+        waiter: asyncio.Future[list[ClaimedRow]] = asyncio.get_running_loop().create_future()
+        self._claims.append((self.batch_size, waiter))
+        self._serve_ledger()
+        return await waiter
 
-    async def _handle(self, claimed: list[ClaimedRow]) -> None:
-        rendered: list[tuple[ClaimedRow, Message]] = []
-        updates: list[RowUpdate] = []
-        for row in claimed:
+    async def _write(self, updates: list[RowUpdate]) -> None:
+        """Commit ``updates`` in the next ledger round; returns once committed."""
+        waiter: asyncio.Future[list[ClaimedRow]] = asyncio.get_running_loop().create_future()
+        self._records.append((updates, waiter))
+        self._serve_ledger()
+        await waiter
+
+    def _serve_ledger(self) -> None:
+        if self._ledger_task is None or self._ledger_task.done():
+            self._ledger_task = asyncio.create_task(self._ledger_rounds())
+
+    async def _ledger_rounds(self) -> None:
+        while self._records or self._claims:
+            records, self._records = self._records, []
+            claims, self._claims = self._claims, []
+            updates = [update for batch, _ in records for update in batch]
+            wanted = sum(limit for limit, _ in claims)
             try:
-                rendered.append((row, self.template.render(row.data, row=row.row, key=row.key)))
-            except RenderError as err:
-                updates.append(RowUpdate(row.id, "invalid", attempted=False, text=err.message))
+                claimed = await self._db(self._ledger_round, updates, wanted)
+            except Exception as err:
+                for _, waiter in records + claims:
+                    if not waiter.done():
+                        waiter.set_exception(err)
+                continue
+            for _, waiter in records:
+                if not waiter.done():
+                    waiter.set_result([])
+            for limit, waiter in claims:
+                share, claimed = claimed[:limit], claimed[limit:]
+                if not waiter.done():
+                    waiter.set_result(share)
+                elif share:  # its worker was cancelled meanwhile: the rows never left
+                    self._records.append(([_put_back(row) for row in share], self._loop_future()))
+
+    def _ledger_round(self, updates: list[RowUpdate], wanted: int) -> list[ClaimedRow]:
+        if updates:
+            self.ledger.record(self.campaign, updates)
+        if not wanted:
+            return []
+        return self.ledger.claim(
+            self.campaign,
+            wanted,
+            states=self._states,
+            due_before=time.time() if self.options.due_only else None,
+            unknown_before=self._started_at,
+        )
+
+    @staticmethod
+    def _loop_future() -> asyncio.Future[list[ClaimedRow]]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _worker(self) -> None:
+        """Claim and render the next batch while this one is sent, so neither waits on the other."""
+        upcoming: asyncio.Task[_Batch] | None = asyncio.create_task(self._prepare())
+        try:
+            while upcoming is not None:
+                batch = await upcoming
+                upcoming = None
+                if not batch.claimed:
+                    return
+                if self._stopping.is_set():
+                    await self._record([_put_back(row) for row in batch.claimed])
+                    return
+                upcoming = asyncio.create_task(self._prepare())
+                await self._handle(batch)
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+                await asyncio.gather(upcoming, return_exceptions=True)
+                if not upcoming.cancelled() and upcoming.exception() is None:
+                    self._records.append(
+                        ([_put_back(row) for row in upcoming.result().claimed], self._loop_future())
+                    )
+                    self._serve_ledger()
+
+    async def _prepare(self) -> _Batch:
+        """Claim a batch and render it; a cancelled render puts the claimed rows back."""
+        claimed = await self._claim()
+        if not claimed:
+            return _Batch([], [], [])
+        try:
+            results = await self._renderer.render([(row.row, row.key, row.data) for row in claimed])
+        except asyncio.CancelledError:
+            self._records.append(([_put_back(row) for row in claimed], self._loop_future()))
+            self._serve_ledger()
+            raise
+        batch = _Batch(claimed, [], [])
+        for row, result in zip(claimed, results, strict=True):
+            if isinstance(result, str):  # why the row cannot be rendered
+                batch.invalid.append(RowUpdate(row.id, "invalid", attempted=False, text=result))
+            else:
+                batch.rendered.append((row, result))
+        return batch
+
+    async def _handle(self, batch: _Batch) -> None:
+        rendered, updates = batch.rendered, batch.invalid
         if self.options.dry_run:
             # Rendered rows stay ``sending`` so no worker claims them again; the
             # dry run's throwaway ledger reports them as what would be sent.
@@ -280,8 +403,7 @@ class Dispatcher:
             await self._record(updates)
             self.on_progress(Counter(would_send=len(rendered)))
             return
-        if not rendered:
-            # Every row of the batch was invalid: record them, or they would stay ``sending``.
+        if not rendered:  # every row of the batch was invalid: nothing to send
             await self._record(updates)
             return
         await self._send_with_retries(rendered, updates)
@@ -304,7 +426,10 @@ class Dispatcher:
                     if not last_try:
                         retry.append((row, message))
                 updates.append(self._update(row, message, outcome, attempt, final=last_try))
-            await self._record(updates)
+            # A batch's final outcomes need not be committed before the next batch
+            # goes: until they are, its rows read ``sending``, which a crash turns
+            # into ``unknown``, exactly as if the crash had come before the send.
+            await self._record(updates, wait=bool(retry))
             updates = []
             if not retry:
                 return
@@ -396,10 +521,18 @@ class Dispatcher:
             next_attempt_at=next_attempt,
         )
 
-    async def _record(self, updates: list[RowUpdate]) -> None:
+    async def _record(self, updates: list[RowUpdate], *, wait: bool = True) -> None:
+        """Commit ``updates`` in the next ledger round; with ``wait=False``, return at once
+        (the run checks every such commit before it ends)."""
         if not updates:
             return
-        await self._db(self.ledger.record, self.campaign, updates)
+        if wait:
+            await self._write(updates)
+        else:
+            waiter: asyncio.Future[list[ClaimedRow]] = self._loop_future()
+            self._records.append((updates, waiter))
+            self._unconfirmed.append(waiter)
+            self._serve_ledger()
         done = Counter(update.state for update in updates if update.state != "sending")
         if "invalid" in done:
             self.this_run["invalid"] += done["invalid"]
@@ -414,3 +547,8 @@ class Dispatcher:
         """Sleep, but wake at once when the run is stopped."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def _put_back(row: ClaimedRow) -> RowUpdate:
+    """Undo a claim whose rows were never sent: back to the state they came from."""
+    return RowUpdate(row.id, row.previous, attempted=False, text="claimed but not sent: the run stopped")

@@ -48,6 +48,8 @@ from .unsubscribe import Unsubscribe
 _HEADER_MARKERS = {"\r": "\ue000", "\n": "\ue001", "\x00": "\ue002"}
 _MARKER_TRANSLATION = str.maketrans(_HEADER_MARKERS)
 _MARKER_NAMES = {"\ue000": "CR", "\ue001": "LF", "\ue002": "NUL"}
+_MARKER = re.compile("[\ue000-\ue002]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")  # C0 controls but TAB
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 ftext: printable ASCII except ':'
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
@@ -63,6 +65,7 @@ SOFT_LINE_LIMIT = 78
 HARD_LINE_LIMIT = 998
 # RFC 2047 2: an encoded-word is at most 75 characters; 45 bytes of UTF-8 make 60 of base64.
 _ENCODED_WORD_BYTES = 45
+_ENCODED_WORD_MAX = 75
 
 
 def _mark_header_value(value: Any) -> Any:
@@ -153,6 +156,7 @@ class Template:
         self.source = source
         self.campaign = campaign
         self.unsubscribe = unsubscribe
+        self._attachments_dir = attachments_dir
         # Attachments and linked stylesheets resolve in one folder: --attachments-dir or the template's.
         folder = Path(attachments_dir) if attachments_dir is not None else Path(source.path).parent
         self.attachments = AttachmentFolder(folder)
@@ -179,6 +183,13 @@ class Template:
                 self._body = self._compile(_environment(), part.source, part.first_line)
                 self._markdown = False
         self._date = _DateCache()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what built it, so a render worker compiles its own copy."""
+        return (
+            _rebuild_template,
+            (self.source.text, self.source.path, self.campaign, self._attachments_dir, self.unsubscribe),
+        )
 
     @classmethod
     def from_path(
@@ -272,7 +283,12 @@ class Template:
                     envelope_from = addresses[0][1]
                     message_id_domain = envelope_from.rpartition("@")[2]
                 if lowered != "bcc":
-                    wire.append(_fold(name, ", ".join(_format_address(n, a) for n, a in addresses)))
+                    room = SOFT_LINE_LIMIT - len(name) - 2
+                    formatted = [
+                        _format_address(n, a, room=room if i == 0 else _ENCODED_WORD_MAX)
+                        for i, (n, a) in enumerate(addresses)
+                    ]
+                    wire.append(_fold(name, ", ".join(formatted)))
             else:
                 wire.append(_fold(name, value))
             if lowered != "bcc":
@@ -312,6 +328,21 @@ class Template:
             raw=raw,
             attachments=tuple(item.attachment for _, item in attached),
         )
+
+
+def _rebuild_template(
+    text: str,
+    path: str,
+    campaign: str,
+    attachments_dir: str | Path | None,
+    unsubscribe: Unsubscribe | None,
+) -> Template:
+    return Template(
+        TemplateSource.parse(text, path=path),
+        campaign=campaign,
+        attachments_dir=attachments_dir,
+        unsubscribe=unsubscribe,
+    )
 
 
 def make_message_id(campaign: str, key: str, domain: str) -> str:
@@ -360,23 +391,49 @@ def _parse_header_block(text: str, *, row: int, key: str) -> list[tuple[str, str
             )
         headers.append((name, value.strip()))
     for name, value in headers:
-        for marker, label in _MARKER_NAMES.items():
-            if marker in value:
-                raise RenderError(
-                    f"header {name}: a value from the data contains {label}; "
-                    "line breaks are not allowed in headers",
-                    row=row,
-                    key=key,
-                    header=name,
-                )
-        if any(ord(ch) < 32 and ch != "\t" for ch in value):
+        marker = _MARKER.search(value)
+        if marker is not None:
+            raise RenderError(
+                f"header {name}: a value from the data contains {_MARKER_NAMES[marker.group()]}; "
+                "line breaks are not allowed in headers",
+                row=row,
+                key=key,
+                header=name,
+            )
+        if _CONTROL.search(value):
             raise RenderError(f"header {name}: contains a control character", row=row, key=key, header=name)
     return headers
 
 
-@lru_cache(maxsize=4096)
 def _normalise_address(address: str) -> str:
-    """The address as it goes on the wire (IDNA domain), or ValueError with the reason."""
+    """The address as it goes on the wire (IDNA domain), or ValueError with the reason.
+
+    An ASCII dot-atom local part (RFC 5322 3.4.1), the common case, needs no more
+    than a regex; its domain's verdict is email-validator's, cached per domain
+    (a campaign has few domains and one address per row, so caching whole
+    addresses would never hit). Anything else goes to email-validator whole.
+    """
+    local, at, domain = address.rpartition("@")
+    if at and len(local) <= _LOCAL_PART_MAX and _DOT_ATOM.match(local):
+        ascii_domain = _normalise_domain(domain)
+        if len(local) + 1 + len(ascii_domain) <= _ADDRESS_MAX:
+            return f"{local}@{ascii_domain}"
+    return _validate_address(address)
+
+
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: a local part of at most 64 octets, a path of at most 254.
+_LOCAL_PART_MAX = 64
+_ADDRESS_MAX = 254
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+
+
+@lru_cache(maxsize=4096)
+def _normalise_domain(domain: str) -> str:
+    """A domain's ASCII (IDNA) form as email-validator judges it, or ValueError with its reason."""
+    return _validate_address(f"a@{domain}").rpartition("@")[2]
+
+
+def _validate_address(address: str) -> str:
     try:
         result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as err:
@@ -387,7 +444,14 @@ def _normalise_address(address: str) -> str:
 def _parse_addresses(value: str, *, header: str, row: int, key: str) -> list[tuple[str, str]]:
     if not value:
         raise RenderError(f"header {header}: is empty", row=row, key=key, header=header)
-    pairs = getaddresses([value])
+    simple = _SIMPLE_ADDRESS.match(value)
+    if simple is not None:
+        # One address, a display name without quotes, comments or specials: what
+        # getaddresses would return, without its character-by-character parse.
+        name, address = simple.group(1, 2) if simple.group(2) else ("", simple.group(3))
+        pairs = [(" ".join(name.split()), address)]
+    else:
+        pairs = getaddresses([value])
     if not pairs or any("@" not in address for _, address in pairs):
         single = _SINGLE_ANGLE_ADDRESS.match(value)
         if single is None:
@@ -408,35 +472,53 @@ def _parse_addresses(value: str, *, header: str, row: int, key: str) -> list[tup
     return parsed
 
 
+# "Name <local@domain>" or "local@domain": no quotes, comments, groups or lists.
+_SIMPLE_ADDRESS = re.compile(
+    r'([^"<>()\[\]\\,;:@]*?)\s*<([^<>\s"()\[\]\\,;:@]+@[^<>\s"()\[\]\\,;:@]+)>\Z'
+    r'|([^<>\s"()\[\]\\,;:@]+@[^<>\s"()\[\]\\,;:@]+)\Z'
+)
 _SINGLE_ANGLE_ADDRESS = re.compile(r"([^<>]*)<([^<>@]+@[^<>@]+)>\s*\Z")
 _ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]*\Z")
 
 
-def _format_address(name: str, address: str) -> str:
-    """``name <address>`` with the display name quoted or encoded as RFC 5322/2047 require."""
+def _format_address(name: str, address: str, *, room: int = _ENCODED_WORD_MAX) -> str:
+    """``name <address>`` with the display name quoted or encoded as RFC 5322/2047 require.
+
+    ``room`` is the space left on the header's first line, for the first encoded-word.
+    """
     if not name:
         return address
     if not name.isascii():
-        return f"{_encoded_words(name)} <{address}>"
+        return f"{_encoded_words(name, room=room)} <{address}>"
     if _ATEXT_PHRASE.match(name):
         return f"{name} <{address}>"
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}" <{address}>'
 
 
-def _encoded_words(value: str) -> str:
-    """RFC 2047 base64 encoded-words of at most 75 characters, never splitting a character."""
+def _encoded_words(value: str, *, room: int = _ENCODED_WORD_MAX) -> str:
+    """RFC 2047 base64 encoded-words of at most 75 characters, never splitting a character.
+
+    The words are separated by single spaces (which decoders drop between
+    encoded-words), so the header folds at them; the first word fits ``room``.
+    """
+    whole = value.encode("utf-8")
+    # "=?utf-8?b?" + "?=" is 12 characters; base64 makes 4 of every 3 bytes.
+    budget = min(_ENCODED_WORD_BYTES, max(9, 3 * ((room - 12) // 4)))
+    if len(whole) <= budget:
+        return f"=?utf-8?b?{base64.b64encode(whole).decode()}?="
     words = []
     chunk = bytearray()
     for char in value:
         encoded = char.encode("utf-8")
-        if len(chunk) + len(encoded) > _ENCODED_WORD_BYTES:
+        if len(chunk) + len(encoded) > budget:
             words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode()}?=")
             chunk = bytearray()
+            budget = _ENCODED_WORD_BYTES
         chunk += encoded
     if chunk:
         words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode()}?=")
-    return "\r\n ".join(words)
+    return " ".join(words)
 
 
 def _fold(name: str, value: str) -> str:
@@ -448,7 +530,7 @@ def _fold(name: str, value: str) -> str:
         folded = _fold_ascii(line)
         if all(len(part) <= HARD_LINE_LIMIT for part in folded.split("\r\n")):
             return folded
-    return f"{name}: {_encoded_words(value)}"
+    return _fold_ascii(f"{name}: {_encoded_words(value, room=SOFT_LINE_LIMIT - len(name) - 2)}")
 
 
 def _fold_ascii(line: str) -> str:
@@ -475,7 +557,7 @@ def _encode_body(text: str, *, boundary: str | None = None) -> tuple[bytes, str]
         text += "\n"
     if (
         text.isascii()
-        and all(len(line) <= HARD_LINE_LIMIT for line in text.split("\n"))
+        and max(map(len, text.split("\n"))) <= HARD_LINE_LIMIT
         and (boundary is None or boundary not in text)
     ):
         return text.replace("\n", "\r\n").encode("ascii"), "7bit"

@@ -188,6 +188,9 @@ class Transport(ABC):
 
     schemes: ClassVar[tuple[str, ...]]
     max_batch: ClassVar[int]
+    # True where a batch goes out as one request (HTTP bulk APIs): dispatch then keeps
+    # batches full. False where a batch is just a connection's share of messages (SMTP).
+    batch_is_request: ClassVar[bool] = True
     name: ClassVar[str]
 
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:

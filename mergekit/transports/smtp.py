@@ -14,6 +14,10 @@ messages, on 421 and when the server drops it). A message's dialogue is MAIL,
 RCPT per recipient, DATA; a refusal is that message's outcome and the
 connection is reset (RSET) and reused. A reply lost after the data went out
 makes the outcome ``unknown``: the server may have taken the message.
+
+Where the server advertises PIPELINING (RFC 2920) a connection spends one round
+trip per message instead of four (see :mod:`.pipelining`), with the same
+outcomes; ``?pipelining=false`` keeps the classic dialogue everywhere.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import re
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import unquote
 
@@ -31,6 +36,7 @@ from aiosmtplib import SMTPStatus
 
 from ..errors import ConfigError, TransportError
 from .base import Message, Outcome, Transport, TransportURL, is_loopback
+from .pipelining import ReplyReader, send_pipelined
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,47 @@ class _Lost(Exception):
         self.after_data = after_data
 
 
+@dataclass
+class _Pooled:
+    """A pooled connection: aiosmtplib's, and its reply reader once it pipelines."""
+
+    smtp: aiosmtplib.SMTP
+    used: int = 0
+    reader: ReplyReader | None = None
+
+    @property
+    def alive(self) -> bool:
+        if self.reader is not None:
+            return self.reader.alive
+        return self.smtp.is_connected
+
+    def pipeline(self) -> ReplyReader:
+        if self.reader is None:
+            protocol = self.smtp.protocol
+            if protocol is None or protocol.transport is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            self.reader = ReplyReader.take_over(protocol.transport)  # type: ignore[arg-type]
+        return self.reader
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.transport.close()
+        self.smtp.close()
+
+    async def quit(self, timeout: float) -> None:
+        if self.reader is not None:
+            await self.reader.quit(timeout)
+            self.smtp.close()
+        else:
+            await _quietly_quit(self.smtp)
+
+
 class SmtpTransport(Transport):
     """An SMTP client pool of ``concurrency`` connections; a batch uses one connection."""
 
     schemes: ClassVar[tuple[str, ...]] = ("smtp", "smtps")
     max_batch: ClassVar[int] = 100
+    batch_is_request: ClassVar[bool] = False
     name: ClassVar[str] = "smtp"
 
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
@@ -82,6 +124,7 @@ class SmtpTransport(Transport):
         self.verify = url.flag("tls_verify", True)
         self.timeout = float(url.query.get("timeout", DEFAULT_TIMEOUT))
         self.max_per_connection = int(url.query.get("max_per_connection", DEFAULT_MAX_PER_CONNECTION))
+        self.pipelining = url.flag("pipelining", True)
         self.endpoint = f"{self.host}:{self.port}"
         if self.username and self._password is None:
             raise ConfigError(
@@ -100,7 +143,7 @@ class SmtpTransport(Transport):
                 option="--transport",
                 hint="Use smtps://, or starttls=auto|always",
             )
-        self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
+        self._idle: list[_Pooled] = []
         self._tls_context: ssl.SSLContext | None = None
         ca_file = url.query.get("ca_file")
         if ca_file:
@@ -120,12 +163,12 @@ class SmtpTransport(Transport):
 
     async def open(self) -> None:
         """Connect once to fail early on a wrong host, TLS or password; keep it in the pool."""
-        self._idle.append((await self._connect(), 0))
+        self._idle.append(_Pooled(await self._connect()))
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for connection, _ in idle:
-            await _quietly_quit(connection)
+        for pooled in idle:
+            await pooled.quit(self.timeout)
 
     async def _connect(self) -> aiosmtplib.SMTP:
         start_tls: bool | None = {"auto": None, "always": True, "never": False}[self.starttls]
@@ -169,32 +212,49 @@ class SmtpTransport(Transport):
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        connection, used = self._idle.pop() if self._idle else (None, 0)
-        for index, message in enumerate(messages):
-            if connection is None or not connection.is_connected or used >= self.max_per_connection:
-                if connection is not None:
-                    await _quietly_quit(connection)
+        pooled = self._idle.pop() if self._idle else None
+        index = 0
+        while index < len(messages):
+            if pooled is None or not pooled.alive or pooled.used >= self.max_per_connection:
+                if pooled is not None:
+                    await pooled.quit(self.timeout)
                 try:
-                    connection, used = await self._connect(), 0
+                    pooled = _Pooled(await self._connect())
                 except TransportError as err:
                     outcomes.extend(Outcome.transient(None, str(err)) for _ in messages[index:])
                     return outcomes
+            if self.pipelining and pooled.smtp.supports_extension("pipelining"):
+                chunk = messages[index : index + self.max_per_connection - pooled.used]
+                try:
+                    done, alive = await send_pipelined(pooled.pipeline(), chunk, timeout=self.timeout)
+                except aiosmtplib.SMTPServerDisconnected as err:
+                    done, alive = [Outcome.transient(None, f"connection lost: {err}")], False
+                outcomes.extend(done)
+                index += len(done)
+                pooled.used += len(done)
+                if not alive:
+                    pooled.close()
+                    pooled = None
+                continue
+            connection = pooled.smtp
+            message = messages[index]
+            index += 1
             try:
                 outcome = await self._send_one(connection, message)
             except _Lost as lost:
                 connection.close()
-                connection = None
                 outcome = (
                     Outcome.unknown(str(lost)) if lost.after_data else Outcome.transient(None, str(lost))
                 )
-            used += 1
+            pooled.used += 1
             outcomes.append(outcome)
-            if outcome.code == SMTPStatus.domain_unavailable and connection is not None:
+            if outcome.code == SMTPStatus.domain_unavailable:
                 # 421: the server is closing this connection (RFC 5321 3.8).
                 connection.close()
-                connection = None
-        if connection is not None and connection.is_connected:
-            self._idle.append((connection, used))
+            if not connection.is_connected:
+                pooled = None
+        if pooled is not None and pooled.alive:
+            self._idle.append(pooled)
         return outcomes
 
     async def _send_one(self, connection: aiosmtplib.SMTP, message: Message) -> Outcome:
