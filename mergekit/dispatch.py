@@ -176,6 +176,7 @@ class Dispatcher:
         self.limiter = RateLimiter(options.rate)
         self.this_run: Counter[str] = Counter()
         self._stopping = asyncio.Event()
+        self._started = time.time()  # rows this run settles are not claimed again before it ends
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._wait = tenacity.wait_exponential_jitter(
             multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
@@ -194,6 +195,7 @@ class Dispatcher:
 
     async def run(self) -> RunResult:
         started = time.monotonic()
+        self._started = time.time()
         try:
             if self.options.dry_run:
                 await self._run_workers()
@@ -252,6 +254,7 @@ class Dispatcher:
                 self.batch_size,
                 states=self._states,
                 due_before=time.time() if self.options.due_only else None,
+                settled_before=self._started,
             )
             if not claimed:
                 return

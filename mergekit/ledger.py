@@ -141,12 +141,21 @@ class Ledger(ABC):
 
     @abstractmethod
     def claim(
-        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+        self,
+        campaign: Campaign,
+        limit: int,
+        *,
+        states: Sequence[str],
+        due_before: float | None,
+        settled_before: float | None = None,
     ) -> list[ClaimedRow]:
         """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in row order.
 
         ``deferred`` rows are claimed only when due (``next_attempt_at <= due_before``)
-        unless ``due_before`` is None.
+        unless ``due_before`` is None. With ``settled_before`` (a run's start), rows
+        other than ``pending`` are claimed only if last updated before it, so a run
+        never takes back a row it has itself left ``deferred``, ``unknown`` or
+        ``failed``: that row waits for the next run.
         """
 
     @abstractmethod
@@ -379,7 +388,13 @@ class SqliteLedger(Ledger):
         return cursor.rowcount
 
     def claim(
-        self, campaign: Campaign, limit: int, *, states: Sequence[str], due_before: float | None
+        self,
+        campaign: Campaign,
+        limit: int,
+        *,
+        states: Sequence[str],
+        due_before: float | None,
+        settled_before: float | None = None,
     ) -> list[ClaimedRow]:
         claimed: list[ClaimedRow] = []
         now = time.time()
@@ -391,6 +406,9 @@ class SqliteLedger(Ledger):
                 args: tuple[Any, ...] = (campaign.id, state)
                 if due:
                     args += (due_before,)
+                if settled_before is not None and state != "pending":
+                    due += " AND updated_at < ?"
+                    args += (settled_before,)
                 rows = self._db.execute(
                     "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN"
                     f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ? {due}"
@@ -407,7 +425,8 @@ class SqliteLedger(Ledger):
             self._db.executemany(
                 "UPDATE recipients SET state = ?, attempts = attempts + ?, last_code = ?,"
                 " last_text = ?, provider_id = COALESCE(?, provider_id),"
-                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?"
+                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?,"
+                " unknown_count = unknown_count + ?"
                 " WHERE id = ? AND campaign_id = ?",
                 [
                     (
@@ -419,6 +438,7 @@ class SqliteLedger(Ledger):
                         u.message_id,
                         u.next_attempt_at,
                         now,
+                        int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
                         u.id,
                         campaign.id,
                     )
