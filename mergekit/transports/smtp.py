@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import ssl
+from collections import Counter
 from collections.abc import Sequence
 from typing import ClassVar
 from urllib.parse import unquote
@@ -101,6 +102,7 @@ class SmtpTransport(Transport):
                 hint="Use smtps://, or starttls=auto|always",
             )
         self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
+        self._closed_after: Counter[int] = Counter()  # 421s seen after N messages on a connection
         self._tls_context: ssl.SSLContext | None = None
         ca_file = url.query.get("ca_file")
         if ca_file:
@@ -119,8 +121,18 @@ class SmtpTransport(Transport):
             self._tls_context.verify_mode = ssl.CERT_NONE
 
     async def open(self) -> None:
-        """Connect once to fail early on a wrong host, TLS or password; keep it in the pool."""
-        self._idle.append((await self._connect(), 0))
+        """Connect once to fail early on a wrong host, TLS or password; keep it in the pool.
+
+        A greeting that says "not now" (4yz, e.g. 421 when the server has too many
+        connections) is not a wrong host: the batches meet it again as transient
+        outcomes, which dispatch retries and defers.
+        """
+        try:
+            self._idle.append((await self._connect(), 0))
+        except TransportError as err:
+            if not err.greeting or err.code is None or not 400 <= err.code < 500:
+                raise
+            log.warning("%s: %s; the batches will retry", self.endpoint, err.message)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -157,9 +169,16 @@ class SmtpTransport(Transport):
             ) from None
         except aiosmtplib.SMTPException as err:
             connection.close()
-            raise TransportError(
-                f"cannot connect: {_describe(err)}", transport=self.name, endpoint=self.endpoint
-            ) from None
+            code = err.code if isinstance(err, aiosmtplib.SMTPResponseException) else None
+            failure = TransportError(
+                f"cannot connect: {_describe(err)}",
+                transport=self.name,
+                endpoint=self.endpoint,
+                code=code,
+                reply=err.message if code is not None else None,
+            )
+            failure.greeting = isinstance(err, aiosmtplib.SMTPConnectResponseError)
+            raise failure from None
         except OSError as err:
             connection.close()
             raise TransportError(
@@ -177,7 +196,7 @@ class SmtpTransport(Transport):
                 try:
                     connection, used = await self._connect(), 0
                 except TransportError as err:
-                    outcomes.extend(Outcome.transient(None, str(err)) for _ in messages[index:])
+                    outcomes.extend(Outcome.transient(err.code, str(err)) for _ in messages[index:])
                     return outcomes
             try:
                 outcome = await self._send_one(connection, message)
@@ -189,13 +208,29 @@ class SmtpTransport(Transport):
                 )
             used += 1
             outcomes.append(outcome)
-            if outcome.code == SMTPStatus.domain_unavailable and connection is not None:
+            if outcome.code == SMTPStatus.domain_unavailable:
                 # 421: the server is closing this connection (RFC 5321 3.8).
-                connection.close()
-                connection = None
+                if connection is not None:
+                    connection.close()
+                    connection = None
+                self._learn_cap(used - 1)
         if connection is not None and connection.is_connected:
             self._idle.append((connection, used))
         return outcomes
+
+    def _learn_cap(self, carried: int) -> None:
+        """A server that closes with 421 after the same number of messages twice has a cap: keep under it.
+
+        Reconnecting before the cap spares each of those messages a refusal and a retry.
+        """
+        if carried < 1 or carried >= self.max_per_connection:
+            return
+        self._closed_after[carried] += 1
+        if self._closed_after[carried] >= 2:
+            log.info(
+                "%s closes connections after %d messages; reconnecting before that", self.endpoint, carried
+            )
+            self.max_per_connection = carried
 
     async def _send_one(self, connection: aiosmtplib.SMTP, message: Message) -> Outcome:
         """MAIL, RCPT…, DATA for one message; refusals become outcomes, the connection is kept."""
