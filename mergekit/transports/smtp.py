@@ -18,6 +18,7 @@ makes the outcome ``unknown``: the server may have taken the message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -103,6 +104,9 @@ class SmtpTransport(Transport):
             )
         self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
         self._closed_after: Counter[int] = Counter()  # 421s seen after N messages on a connection
+        self._slots = concurrency  # connections at once; lowered when the server refuses more
+        self._busy = 0  # batches holding a slot
+        self._slot_free = asyncio.Condition()
         self._tls_context: ssl.SSLContext | None = None
         ca_file = url.query.get("ca_file")
         if ca_file:
@@ -187,6 +191,17 @@ class SmtpTransport(Transport):
         return connection
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        async with self._slot_free:
+            await self._slot_free.wait_for(lambda: self._busy < self._slots)
+            self._busy += 1
+        try:
+            return await self._send_batch(messages)
+        finally:
+            async with self._slot_free:
+                self._busy -= 1
+                self._slot_free.notify_all()
+
+    async def _send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         connection, used = self._idle.pop() if self._idle else (None, 0)
         for index, message in enumerate(messages):
@@ -196,6 +211,8 @@ class SmtpTransport(Transport):
                 try:
                     connection, used = await self._connect(), 0
                 except TransportError as err:
+                    if err.greeting and err.code == SMTPStatus.domain_unavailable:
+                        await self._fewer_connections(err)
                     outcomes.extend(Outcome.transient(err.code, str(err)) for _ in messages[index:])
                     return outcomes
             try:
@@ -206,6 +223,11 @@ class SmtpTransport(Transport):
                 outcome = (
                     Outcome.unknown(str(lost)) if lost.after_data else Outcome.transient(None, str(lost))
                 )
+            except Exception as err:  # a bug or an unforeseen error: this message only, keep the others
+                log.exception("%s: unexpected error sending row %d", self.endpoint, message.row)
+                connection.close()
+                connection = None
+                outcome = Outcome.unknown(f"unexpected error while sending: {type(err).__name__}")
             used += 1
             outcomes.append(outcome)
             if outcome.code == SMTPStatus.domain_unavailable:
@@ -215,8 +237,33 @@ class SmtpTransport(Transport):
                     connection = None
                 self._learn_cap(used - 1)
         if connection is not None and connection.is_connected:
-            self._idle.append((connection, used))
+            if len(self._idle) < self._slots:
+                self._idle.append((connection, used))
+            else:
+                await _quietly_quit(connection)
         return outcomes
+
+    async def _fewer_connections(self, err: TransportError) -> None:
+        """A 421 greeting while others are open: the server wants fewer connections; use fewer.
+
+        Postfix answers "421 4.7.0 Error: too many connections" above
+        ``smtpd_client_connection_count_limit``. Batches then wait for a free
+        connection instead of taking the same refusal again.
+        """
+        others = self._busy - 1
+        if others < 1 or others >= self._slots:
+            return
+        self._slots = others
+        log.warning(
+            "%s refused another connection (%s %s): using at most %d",
+            self.endpoint,
+            err.code,
+            err.reply,
+            others,
+        )
+        while len(self._idle) > self._slots:
+            connection, _ = self._idle.pop(0)
+            await _quietly_quit(connection)
 
     def _learn_cap(self, carried: int) -> None:
         """A server that closes with 421 after the same number of messages twice has a cap: keep under it.
