@@ -82,8 +82,8 @@ class SmtpTransport(Transport):
                 f"?starttls={self.starttls!r} must be auto, always or never", option="--transport"
             )
         self.verify = url.flag("tls_verify", True)
-        self.timeout = float(url.query.get("timeout", DEFAULT_TIMEOUT))
-        self.max_per_connection = int(url.query.get("max_per_connection", DEFAULT_MAX_PER_CONNECTION))
+        self.timeout = _positive(url, "timeout", float, DEFAULT_TIMEOUT)
+        self.max_per_connection = int(_positive(url, "max_per_connection", int, DEFAULT_MAX_PER_CONNECTION))
         self.endpoint = f"{self.host}:{self.port}"
         if self.username and self._password is None:
             raise ConfigError(
@@ -326,6 +326,25 @@ class SmtpTransport(Transport):
         if reply.code != SMTPStatus.domain_unavailable:
             await _reset(connection)
         return _classify(reply.code, reply.message)
+
+
+def _positive(url: TransportURL, name: str, kind: type[float] | type[int], default: float) -> float:
+    """A positive number from the URL's query, or a ConfigError naming it."""
+    text = url.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"?{name}={text!r} in the transport URL must be a positive "
+            + ("whole number" if kind is int else "number of seconds"),
+            option="--transport",
+            hint=f"Write e.g. ?{name}={default:g}",
+        )
+    return value
 
 
 def _classify(code: int, text: str) -> Outcome:
