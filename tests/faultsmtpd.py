@@ -25,6 +25,7 @@ import asyncio
 import random
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,11 @@ class Faults:
     data_transient_rate: float = 0.0  # share of messages answered ``transient_reply`` after the data
     transient_reply: str = "451 4.3.0 temporary local problem, try again later"
     starttls: str | None = None  # offer STARTTLS and break it: "454", "drop" or "garbage"
+    data_delay: float = 0.0  # seconds to sit on each message's content before answering
+    # Called with the server's message number (1, 2, …) when the 354 has gone out and the content
+    # is coming (``"during-data"``), and once it has taken the message but before replying
+    # (``"after-data"``); the crash trials use it to SIGKILL the client at exactly those moments.
+    on_data: Callable[[str, int], None] | None = None
     seed: int = 7
 
     def clear(self) -> None:
@@ -108,6 +114,8 @@ class FaultHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.faults.data_delay:
+            await asyncio.sleep(self.faults.data_delay)
         received = Received(
             str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.original_content or b"")
         )
@@ -125,6 +133,8 @@ class FaultHandler:
             number = len(self.messages)
             if lost:
                 self.lost_replies.append(received)
+        if self.faults.on_data is not None:
+            self.faults.on_data("after-data", number)
         return lost or f"250 2.0.0 Ok: queued as F{number}"
 
     def by_recipient(self) -> dict[str, list[Received]]:
@@ -198,8 +208,30 @@ class FaultSMTP(SMTP):
                 await self._reader.readuntil(b"\r\n")  # the first line of the content, then gone
                 await self.push(self.handler.stage_for(envelope, "during-data"))
                 return
-        await super().smtp_DATA(arg)
+        if self.handler.faults.on_data is not None:
+            await self._data_with_hook(arg)
+        else:
+            await super().smtp_DATA(arg)
         self.carried += 1
+
+    async def _data_with_hook(self, arg: str) -> None:
+        """Let ``on_data`` act as soon as the 354 has gone out (the client is sending the content)."""
+        hook = self.handler.faults.on_data
+        assert hook is not None
+        with self.handler.lock:
+            number = len(self.handler.messages) + 1
+        original_push = self.push
+
+        async def push_then_hook(status: Any) -> None:
+            await original_push(status)
+            if str(status).startswith("354"):
+                hook("during-data", number)
+
+        self.push = push_then_hook  # type: ignore[method-assign]
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            del self.push
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         mode = self.handler.faults.starttls
