@@ -345,6 +345,9 @@ class Dispatcher:
     ) -> None:
         remaining = rendered
         attempt = 0
+        if not remaining:  # every row of the batch was invalid: record that, or they stay ``sending``
+            await self._record(updates)
+            return
         while remaining:
             attempt += 1
             last_try = attempt >= self.options.max_attempts
