@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +46,30 @@ T = TypeVar("T")
 
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*\Z", re.I)
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
-THROTTLE_FACTOR = 0.8  # a throttling reply (429, 421) cuts the run's rate to this share
+THROTTLE_FACTOR = 0.8  # a throttling reply (429, 421, 4.7.x) cuts the run's rate to this share
+# Replies to batches already in flight when the server started refusing are one event, not many:
+# the rate is cut at most once per this many seconds.
+THROTTLE_COOLDOWN = 2.0
+RATE_WINDOW = 5.0  # seconds of accepted messages the measured rate is taken over
+MIN_RATE = 0.05  # messages per second a throttled run never goes below (one every 20 s)
+# SMTP replies that mean "slow down" rather than "not this message": 421 (closing, e.g. too many
+# connections), enhanced status 4.7.x (policy, e.g. Postfix's "450 4.7.1 Error: too much mail"),
+# and the words servers use for rate limits.
+_THROTTLE_TEXT = re.compile(r"\b4\.7\.\d+\b|too (?:many|much)|rate|throttl|slow down", re.I)
+
+
+# ... except a refusal of one more connection ("421 4.7.0 Error: too many connections"): that asks
+# for fewer connections, which the SMTP pool gives by itself, not for a lower rate.
+_CONNECTION_LIMIT_TEXT = re.compile(r"too many (?:connections|sessions)|concurren", re.I)
+
+
+def is_throttle(outcome: Outcome) -> bool:
+    """True for a transient outcome that asks the whole run to slow down."""
+    if outcome.status is not Status.TRANSIENT or _CONNECTION_LIMIT_TEXT.search(outcome.text):
+        return False
+    if outcome.retry_after or outcome.code in (421, 429):
+        return True
+    return bool(outcome.code and 400 <= outcome.code < 500 and _THROTTLE_TEXT.search(outcome.text))
 
 
 @dataclass(frozen=True)
@@ -75,14 +98,21 @@ class Rate:
 class RateLimiter:
     """A token bucket over the whole run: each message reserves ``1/rate`` seconds.
 
-    Without a rate it never waits, but a throttling reply still makes it pause
-    for the server's Retry-After.
+    A throttling reply makes it pause for the server's Retry-After and cut the
+    rate to ``THROTTLE_FACTOR`` times the current cap, or, in a run without
+    one, times the rate the server has been accepting (over the last
+    ``RATE_WINDOW`` seconds); at most once per ``THROTTLE_COOLDOWN``. The cap is
+    not raised again within the run.
     """
 
     def __init__(self, rate: Rate | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_second = rate.per_second if rate else None
         self._clock = clock
         self._next_free = clock()
+        self._accepted: deque[tuple[float, int]] = deque()
+        self._first_accepted: float | None = None
+        self._last_cut = -float("inf")
+        self.cuts = 0
 
     async def acquire(self, count: int) -> None:
         now = self._clock()
@@ -92,12 +122,45 @@ class RateLimiter:
         if start > now:
             await asyncio.sleep(start - now)
 
-    def throttle(self, retry_after: float | None) -> None:
+    def accepted(self, count: int) -> None:
+        """Note ``count`` messages the server took just now (the measured rate)."""
+        if not count:
+            return
+        now = self._clock()
+        if self._first_accepted is None:
+            self._first_accepted = now
+        self._accepted.append((now, count))
+        while self._accepted and self._accepted[0][0] < now - RATE_WINDOW:
+            self._accepted.popleft()
+
+    def measured(self) -> float | None:
+        """Messages per second the server accepted over the last ``RATE_WINDOW`` seconds."""
+        if self._first_accepted is None:
+            return None
+        now = self._clock()
+        span = max(1.0, min(RATE_WINDOW, now - self._first_accepted))
+        return sum(count for at, count in self._accepted if at >= now - RATE_WINDOW) / span
+
+    def throttle(self, retry_after: float | None = None, reply: str = "") -> None:
         """Slow down after a throttling reply: pause for ``retry_after`` and lower the rate."""
+        now = self._clock()
         if retry_after:
-            self._next_free = max(self._next_free, self._clock() + retry_after)
-        if self.per_second:
-            self.per_second *= THROTTLE_FACTOR
+            self._next_free = max(self._next_free, now + retry_after)
+        if now - self._last_cut < THROTTLE_COOLDOWN:
+            return
+        self._last_cut = now
+        # The first cut starts from what the server accepted; later ones from the cap itself, since
+        # the measured rate then also counts this run's own back-off pauses and would spiral down.
+        base = self.per_second or self.measured()
+        if not base:
+            return
+        self.per_second = max(MIN_RATE, base * THROTTLE_FACTOR)
+        self.cuts += 1
+        log.warning(
+            "the server is throttling (%s): sending at most %.2f messages/s from now on",
+            reply or "Retry-After",
+            self.per_second,
+        )
 
 
 @dataclass(frozen=True)
@@ -197,9 +260,9 @@ class Dispatcher:
         self.limiter: RateLimiter | SharedRateLimiter = shared or RateLimiter(options.rate)
         self.this_run: Counter[str] = Counter()
         self._stopping = asyncio.Event()
-        # Rows that became unknown after this moment (a reply lost in this run) wait for the
-        # next run or ``retry``: the run does not resend what it may just have delivered.
-        self._started_at = time.time()
+        # Rows this run settles (deferred, unknown, failed) are not claimed again before it
+        # ends: a lost reply is not resent at once, a refusing server is not retried for ever.
+        self._started = time.time()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._claims: list[tuple[int, asyncio.Future[list[ClaimedRow]]]] = []
         self._records: list[tuple[list[RowUpdate], asyncio.Future[list[ClaimedRow]]]] = []
@@ -223,6 +286,7 @@ class Dispatcher:
 
     async def run(self) -> RunResult:
         started = time.monotonic()
+        self._started = time.time()
         self.transport.prepare(self.template)
         counts = self.ledger.counts(self.campaign)
         to_send = sum(counts[state] for state in self._states)
@@ -344,7 +408,7 @@ class Dispatcher:
             wanted,
             states=self._states,
             due_before=time.time() if self.options.due_only else None,
-            unknown_before=self._started_at,
+            settled_before=self._started,
         )
 
     @staticmethod
@@ -413,28 +477,40 @@ class Dispatcher:
     ) -> None:
         remaining = rendered
         attempt = 0
+        if not remaining:  # every row of the batch was invalid: record that, or they stay ``sending``
+            await self._record(updates)
+            return
         while remaining:
             attempt += 1
-            await self.limiter.acquire(len(remaining))
-            outcomes = await self._send([message for _, message in remaining], remaining)
-            last_try = attempt >= self.options.max_attempts or self._stopping.is_set()
+            last_try = attempt >= self.options.max_attempts
             retry: list[tuple[ClaimedRow, Message]] = []
             longest_retry_after = 0.0
-            for (row, message), outcome in zip(remaining, outcomes, strict=True):
-                if outcome.status is Status.TRANSIENT:
-                    longest_retry_after = max(longest_retry_after, outcome.retry_after or 0.0)
-                    if not last_try:
-                        retry.append((row, message))
-                updates.append(self._update(row, message, outcome, attempt, final=last_try))
-            # A batch's final outcomes need not be committed before the next batch
-            # goes: until they are, its rows read ``sending``, which a crash turns
-            # into ``unknown``, exactly as if the crash had come before the send.
-            await self._record(updates, wait=bool(retry))
-            updates = []
+            # After a throttle the batch size shrinks; a retry goes out in chunks of it, each
+            # waiting for the rate limiter, rather than as one burst the server refuses again.
+            for start in range(0, len(remaining), self.batch_size):
+                chunk = remaining[start : start + self.batch_size]
+                await self.limiter.acquire(len(chunk))
+                outcomes = await self._send([message for _, message in chunk], chunk)
+                final = last_try or self._stopping.is_set()
+                throttled = ""
+                for (row, message), outcome in zip(chunk, outcomes, strict=True):
+                    if outcome.status is Status.TRANSIENT:
+                        longest_retry_after = max(longest_retry_after, outcome.retry_after or 0.0)
+                        if not final:
+                            retry.append((row, message))
+                        if not throttled and is_throttle(outcome):
+                            throttled = f"{outcome.code} {outcome.text}".strip()
+                    updates.append(self._update(row, message, outcome, attempt, final=final))
+                self.limiter.accepted(sum(outcome.status is Status.SENT for outcome in outcomes))
+                # A batch's final outcomes need not be committed before the next batch
+                # goes: until they are, its rows read ``sending``, which a crash turns
+                # into ``unknown``, exactly as if the crash had come before the send.
+                await self._record(updates, wait=bool(retry))
+                updates = []
+                if throttled:
+                    self._throttle(longest_retry_after, throttled)
             if not retry:
                 return
-            if longest_retry_after:
-                self.limiter.throttle(longest_retry_after)
             await self._pause(max(self._backoff(attempt), longest_retry_after))
             remaining = retry
             if self._stopping.is_set():
@@ -453,6 +529,12 @@ class Dispatcher:
                 )
                 self.this_run["deferred"] += len(remaining)
                 return
+
+    def _throttle(self, retry_after: float, reply: str) -> None:
+        """Lower the run's rate, and the batch size with it (about a second of the rate)."""
+        self.limiter.throttle(retry_after, reply[:120])
+        if self.limiter.per_second:
+            self.batch_size = max(1, min(self.batch_size, int(self.limiter.per_second)))
 
     async def _send(
         self, messages: list[Message], rows: Sequence[tuple[ClaimedRow, Message]]

@@ -129,6 +129,7 @@ class TransportError(MergekitError, ConnectionError):
     endpoint: str | None
     code: int | None
     reply: str | None
+    greeting: bool = False  # the server's greeting itself was the refusal (SMTP 421 at connect)
 
     def where(self) -> str:
         return f"{self.transport} {self.endpoint}" if self.endpoint else (self.transport or "")

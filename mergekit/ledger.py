@@ -125,8 +125,11 @@ class SharedRateLimiter(Protocol):
     async def acquire(self, count: int) -> None:
         """Return when ``count`` more messages may leave."""
 
-    def throttle(self, retry_after: float | None) -> None:
-        """Slow down after a throttling reply: pause for ``retry_after`` and lower the rate."""
+    def accepted(self, count: int) -> None:
+        """Note ``count`` messages the server took just now."""
+
+    def throttle(self, retry_after: float | None = None, reply: str = "") -> None:
+        """Slow down after a throttling reply (``reply``): pause for ``retry_after``, lower the rate."""
 
 
 class Ledger(ABC):
@@ -215,14 +218,15 @@ class Ledger(ABC):
         *,
         states: Sequence[str],
         due_before: float | None,
-        unknown_before: float | None = None,
+        settled_before: float | None = None,
     ) -> list[ClaimedRow]:
         """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in row order.
 
         ``deferred`` rows are claimed only when due (``next_attempt_at <= due_before``)
-        unless ``due_before`` is None; ``unknown`` rows only if they became unknown
-        before ``unknown_before`` (a run resends what earlier runs left unknown, not
-        what its own lost replies made unknown), unless it is None.
+        unless ``due_before`` is None. With ``settled_before`` (a run's start), rows
+        other than ``pending`` are claimed only if last updated before it, so a run
+        never takes back a row it has itself left ``deferred``, ``unknown`` or
+        ``failed``: that row waits for the next run.
         """
 
     @abstractmethod
@@ -483,7 +487,7 @@ class SqliteLedger(Ledger):
         *,
         states: Sequence[str],
         due_before: float | None,
-        unknown_before: float | None = None,
+        settled_before: float | None = None,
     ) -> list[ClaimedRow]:
         claimed: list[ClaimedRow] = []
         now = time.time()
@@ -491,7 +495,7 @@ class SqliteLedger(Ledger):
             for state in states:
                 if len(claimed) >= limit:
                     break
-                condition, bound = claim_condition(state, due_before, unknown_before)
+                condition, bound = claim_condition(state, due_before, settled_before)
                 rows = self._db.execute(
                     "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN"
                     f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ?"
@@ -509,7 +513,8 @@ class SqliteLedger(Ledger):
             self._db.executemany(
                 "UPDATE recipients SET state = ?, attempts = attempts + ?, last_code = ?,"
                 " last_text = ?, provider_id = COALESCE(?, provider_id),"
-                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?"
+                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?,"
+                " unknown_count = unknown_count + ?"
                 " WHERE id = ? AND campaign_id = ?",
                 [
                     (
@@ -521,6 +526,7 @@ class SqliteLedger(Ledger):
                         u.message_id,
                         u.next_attempt_at,
                         now,
+                        int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
                         u.id,
                         campaign.id,
                     )
@@ -629,14 +635,16 @@ class _Transaction:
 
 
 def claim_condition(
-    state: str, due_before: float | None, unknown_before: float | None
+    state: str, due_before: float | None, settled_before: float | None
 ) -> tuple[str, tuple[float, ...]]:
     """The extra ``AND …`` (with ``%s`` placeholders) that limits a claim of ``state``, and its values."""
+    condition = ""
+    values: tuple[float, ...] = ()
     if state == "deferred" and due_before is not None:
-        return "AND next_attempt_at <= %s", (due_before,)
-    if state == "unknown" and unknown_before is not None:
-        return "AND updated_at <= %s", (unknown_before,)
-    return "", ()
+        condition, values = "AND next_attempt_at <= %s", (due_before,)
+    if state != "pending" and settled_before is not None:
+        condition, values = f"{condition} AND updated_at < %s", (*values, settled_before)
+    return condition, values
 
 
 def open_ledger(location: str) -> Ledger:
@@ -653,4 +661,12 @@ def open_ledger(location: str) -> Ledger:
                 hint="Install it with: pip install 'mergekit[postgres]'",
             ) from None
         return PostgresLedger(location)
+    if "://" in location:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{location.split('://', 1)[0]}:// is not a ledger engine mergekit knows",
+            option="--ledger",
+            hint="Use a SQLite file path (default mergekit.db) or postgresql://USER@HOST/DB",
+        )
     return SqliteLedger(location)

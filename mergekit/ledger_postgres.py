@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
+from .dispatch import THROTTLE_COOLDOWN, THROTTLE_FACTOR
 from .errors import ConfigError, LedgerError
 from .ledger import (
     STATES,
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
 RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
-THROTTLE_FACTOR = 0.8  # as dispatch.THROTTLE_FACTOR: a throttling reply cuts the campaign's rate
 _SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
 
 _SCHEMA = """
@@ -345,7 +345,7 @@ class PostgresLedger(Ledger):
         *,
         states: Sequence[str],
         due_before: float | None,
-        unknown_before: float | None = None,
+        settled_before: float | None = None,
     ) -> list[ClaimedRow]:
         self.recover(campaign)
         claimed: list[ClaimedRow] = []
@@ -354,8 +354,9 @@ class PostgresLedger(Ledger):
             for state in states:
                 if len(claimed) >= limit:
                     break
-                condition, bound = claim_condition(state, due_before, unknown_before)
-                condition = condition.replace("%s", "%(bound)s")
+                condition, bound = claim_condition(state, due_before, settled_before)
+                for index in range(len(bound)):
+                    condition = condition.replace("%s", f"%(bound{index})s", 1)
                 rows = self._db.execute(
                     "WITH picked AS (SELECT id FROM mergekit_recipients"  # type: ignore[arg-type]
                     f" WHERE campaign_id = %(campaign)s AND state = %(state)s {condition}"
@@ -367,7 +368,7 @@ class PostgresLedger(Ledger):
                     {
                         "campaign": campaign.id,
                         "state": state,
-                        "bound": bound[0] if bound else None,
+                        **{f"bound{index}": value for index, value in enumerate(bound)},
                         "limit": limit - len(claimed),
                         "worker": self.worker_id,
                         "lease": self.lease,
@@ -389,6 +390,8 @@ class PostgresLedger(Ledger):
                 " provider_id = COALESCE(%(provider_id)s, provider_id),"
                 " message_id = COALESCE(%(message_id)s, message_id),"
                 " next_attempt_at = %(next_attempt_at)s, updated_at = %(now)s, worker_id = %(worker)s,"
+                # every unknown episode counts, a lost reply as much as a dead worker
+                " unknown_count = unknown_count + %(unknown)s,"
                 " lease_expires_at = CASE WHEN %(state)s = 'sending'"
                 "   THEN clock_timestamp() + make_interval(secs => %(lease)s) END"
                 " WHERE id = %(id)s AND campaign_id = %(campaign)s"
@@ -399,6 +402,7 @@ class PostgresLedger(Ledger):
                     {
                         "state": u.state,
                         "attempted": int(u.attempted),
+                        "unknown": int(u.state == "unknown"),
                         "code": u.code,
                         "text": u.text,
                         "provider_id": u.provider_id,
@@ -529,6 +533,7 @@ class PostgresRateLimiter:
         self._ledger = ledger
         self._campaign_id = campaign_id
         self.per_second: float | None = per_second
+        self._last_cut = -float("inf")
 
     async def acquire(self, count: int) -> None:
         wait = await asyncio.to_thread(self._reserve, count)
@@ -546,8 +551,17 @@ class PostgresRateLimiter:
             ).fetchone()
         return float(found[0]) if found else 0.0
 
-    def throttle(self, retry_after: float | None) -> None:
-        """A throttling reply: every worker pauses ``retry_after`` and the campaign's rate drops."""
+    def accepted(self, count: int) -> None:
+        """The campaign's rate is set explicitly here; what the server took needs no measuring."""
+
+    def throttle(self, retry_after: float | None = None, reply: str = "") -> None:
+        """A throttling reply: every worker pauses ``retry_after`` and the campaign's rate drops
+        (at most once per ``THROTTLE_COOLDOWN`` from this worker: replies to batches already in
+        flight are one event)."""
+        now = time.monotonic()
+        if now - self._last_cut < THROTTLE_COOLDOWN and not retry_after:
+            return
+        self._last_cut = now
         with self._ledger._side_lock:
             self._ledger._side.execute(
                 "UPDATE mergekit_rate SET per_second = per_second * %s,"

@@ -288,7 +288,7 @@ class Template:
                         _format_address(n, a, room=room if i == 0 else _ENCODED_WORD_MAX)
                         for i, (n, a) in enumerate(addresses)
                     ]
-                    wire.append(_fold(name, ", ".join(formatted)))
+                    wire.append(_fold(name, ", ".join(formatted), addresses=True))
             else:
                 wire.append(_fold(name, value))
             if lowered != "bcc":
@@ -451,7 +451,8 @@ def _parse_addresses(value: str, *, header: str, row: int, key: str) -> list[tup
         name, address = simple.group(1, 2) if simple.group(2) else ("", simple.group(3))
         pairs = [(" ".join(name.split()), address)]
     else:
-        pairs = getaddresses([value])
+        angled = _angle_addresses(value)
+        pairs = angled if angled is not None else getaddresses([value])
     if not pairs or any("@" not in address for _, address in pairs):
         single = _SINGLE_ANGLE_ADDRESS.match(value)
         if single is None:
@@ -477,6 +478,32 @@ _SIMPLE_ADDRESS = re.compile(
     r'([^"<>()\[\]\\,;:@]*?)\s*<([^<>\s"()\[\]\\,;:@]+@[^<>\s"()\[\]\\,;:@]+)>\Z'
     r'|([^<>\s"()\[\]\\,;:@]+@[^<>\s"()\[\]\\,;:@]+)\Z'
 )
+
+
+def _angle_addresses(value: str) -> list[tuple[str, str]] | None:
+    """``phrase <addr>, phrase <addr>``: only what is inside angle brackets is an address.
+
+    A display name from the data (``To: {{ name }} <{{ email }}>``) may hold ``@``,
+    commas or anything else; read as an address list it could add a recipient
+    ("a@evil.example, Jo <jo@…>") or replace the shown address. None when the
+    value has no angle brackets or is not such a list.
+    """
+    if "<" not in value:
+        return None
+    found = []
+    position = 0
+    for match in _ANGLE_ITEM.finditer(value):
+        if match.start() != position:
+            return None
+        phrase = match.group(1).strip()
+        if len(phrase) >= 2 and phrase[0] == phrase[-1] == '"':  # quoted by the template: "{{ name }}"
+            phrase = phrase[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        found.append((phrase, match.group(2).strip()))
+        position = match.end()
+    return found if found and position == len(value) else None
+
+
+_ANGLE_ITEM = re.compile(r"\s*([^<>]*?)\s*<([^<>]*)>\s*(?:,|\Z)")
 _SINGLE_ANGLE_ADDRESS = re.compile(r"([^<>]*)<([^<>@]+@[^<>@]+)>\s*\Z")
 _ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]*\Z")
 
@@ -488,7 +515,9 @@ def _format_address(name: str, address: str, *, room: int = _ENCODED_WORD_MAX) -
     """
     if not name:
         return address
-    if not name.isascii():
+    if not name.isascii() or "=?" in name or len(name) + len(address) + 16 > HARD_LINE_LIMIT:
+        # A name too long for one line is encoded too, in words that fold: otherwise the whole
+        # header, address included, would be encoded and the address lost to every reader.
         return f"{_encoded_words(name, room=room)} <{address}>"
     if _ATEXT_PHRASE.match(name):
         return f"{name} <{address}>"
@@ -518,13 +547,14 @@ def _encoded_words(value: str, *, room: int = _ENCODED_WORD_MAX) -> str:
         chunk += encoded
     if chunk:
         words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode()}?=")
-    return " ".join(words)
+    return " ".join(words)  # _fold breaks the line between them
 
 
-def _fold(name: str, value: str) -> str:
+def _fold(name: str, value: str, *, addresses: bool = False) -> str:
     """``Name: value`` folded at spaces to 78 columns; encoded where not ASCII or unfoldable."""
     line = f"{name}: {value}"
-    if value.isascii():
+    # RFC 2047 5: text that looks like an encoded-word must be encoded (an address list is already).
+    if value.isascii() and (addresses or "=?" not in value):
         if len(line) <= SOFT_LINE_LIMIT:
             return line
         folded = _fold_ascii(line)

@@ -22,10 +22,12 @@ outcomes; ``?pipelining=false`` keeps the classic dialogue everywhere.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import ssl
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -122,8 +124,8 @@ class SmtpTransport(Transport):
                 f"?starttls={self.starttls!r} must be auto, always or never", option="--transport"
             )
         self.verify = url.flag("tls_verify", True)
-        self.timeout = float(url.query.get("timeout", DEFAULT_TIMEOUT))
-        self.max_per_connection = int(url.query.get("max_per_connection", DEFAULT_MAX_PER_CONNECTION))
+        self.timeout = _positive(url, "timeout", float, DEFAULT_TIMEOUT)
+        self.max_per_connection = int(_positive(url, "max_per_connection", int, DEFAULT_MAX_PER_CONNECTION))
         self.pipelining = url.flag("pipelining", True)
         self.endpoint = f"{self.host}:{self.port}"
         if self.username and self._password is None:
@@ -144,6 +146,10 @@ class SmtpTransport(Transport):
                 hint="Use smtps://, or starttls=auto|always",
             )
         self._idle: list[_Pooled] = []
+        self._closed_after: Counter[int] = Counter()  # 421s seen after N messages on a connection
+        self._slots = concurrency  # connections at once; lowered when the server refuses more
+        self._busy = 0  # batches holding a slot
+        self._slot_free = asyncio.Condition()
         self._tls_context: ssl.SSLContext | None = None
         ca_file = url.query.get("ca_file")
         if ca_file:
@@ -162,8 +168,18 @@ class SmtpTransport(Transport):
             self._tls_context.verify_mode = ssl.CERT_NONE
 
     async def open(self) -> None:
-        """Connect once to fail early on a wrong host, TLS or password; keep it in the pool."""
-        self._idle.append(_Pooled(await self._connect()))
+        """Connect once to fail early on a wrong host, TLS or password; keep it in the pool.
+
+        A greeting that says "not now" (4yz, e.g. 421 when the server has too many
+        connections) is not a wrong host: the batches meet it again as transient
+        outcomes, which dispatch retries and defers.
+        """
+        try:
+            self._idle.append(_Pooled(await self._connect()))
+        except TransportError as err:
+            if not err.greeting or err.code is None or not 400 <= err.code < 500:
+                raise
+            log.warning("%s: %s; the batches will retry", self.endpoint, err.message)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -200,9 +216,16 @@ class SmtpTransport(Transport):
             ) from None
         except aiosmtplib.SMTPException as err:
             connection.close()
-            raise TransportError(
-                f"cannot connect: {_describe(err)}", transport=self.name, endpoint=self.endpoint
-            ) from None
+            code = err.code if isinstance(err, aiosmtplib.SMTPResponseException) else None
+            failure = TransportError(
+                f"cannot connect: {_describe(err)}",
+                transport=self.name,
+                endpoint=self.endpoint,
+                code=code,
+                reply=err.message if code is not None else None,
+            )
+            failure.greeting = isinstance(err, aiosmtplib.SMTPConnectResponseError)
+            raise failure from None
         except OSError as err:
             connection.close()
             raise TransportError(
@@ -211,6 +234,17 @@ class SmtpTransport(Transport):
         return connection
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        async with self._slot_free:
+            await self._slot_free.wait_for(lambda: self._busy < self._slots)
+            self._busy += 1
+        try:
+            return await self._send_batch(messages)
+        finally:
+            async with self._slot_free:
+                self._busy -= 1
+                self._slot_free.notify_all()
+
+    async def _send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         pooled = self._idle.pop() if self._idle else None
         index = 0
@@ -221,7 +255,9 @@ class SmtpTransport(Transport):
                 try:
                     pooled = _Pooled(await self._connect())
                 except TransportError as err:
-                    outcomes.extend(Outcome.transient(None, str(err)) for _ in messages[index:])
+                    if err.greeting and err.code == SMTPStatus.domain_unavailable:
+                        await self._fewer_connections(err)
+                    outcomes.extend(Outcome.transient(err.code, str(err)) for _ in messages[index:])
                     return outcomes
             if self.pipelining and pooled.smtp.supports_extension("pipelining"):
                 chunk = messages[index : index + self.max_per_connection - pooled.used]
@@ -231,6 +267,11 @@ class SmtpTransport(Transport):
                     done, alive = [Outcome.transient(None, f"connection lost: {err}")], False
                 outcomes.extend(done)
                 index += len(done)
+                closed_at = next(
+                    (i for i, o in enumerate(done) if o.code == SMTPStatus.domain_unavailable), None
+                )
+                if closed_at is not None:
+                    self._learn_cap(pooled.used + closed_at)
                 pooled.used += len(done)
                 if not alive:
                     pooled.close()
@@ -246,16 +287,59 @@ class SmtpTransport(Transport):
                 outcome = (
                     Outcome.unknown(str(lost)) if lost.after_data else Outcome.transient(None, str(lost))
                 )
+            except Exception as err:  # a bug or an unforeseen error: this message only, keep the others
+                log.exception("%s: unexpected error sending row %d", self.endpoint, message.row)
+                connection.close()
+                outcome = Outcome.unknown(f"unexpected error while sending: {type(err).__name__}")
             pooled.used += 1
             outcomes.append(outcome)
             if outcome.code == SMTPStatus.domain_unavailable:
                 # 421: the server is closing this connection (RFC 5321 3.8).
                 connection.close()
+                self._learn_cap(pooled.used - 1)
             if not connection.is_connected:
                 pooled = None
         if pooled is not None and pooled.alive:
-            self._idle.append(pooled)
+            if len(self._idle) < self._slots:
+                self._idle.append(pooled)
+            else:
+                await pooled.quit(self.timeout)
         return outcomes
+
+    async def _fewer_connections(self, err: TransportError) -> None:
+        """A 421 greeting while others are open: the server wants fewer connections; use fewer.
+
+        Postfix answers "421 4.7.0 Error: too many connections" above
+        ``smtpd_client_connection_count_limit``. Batches then wait for a free
+        connection instead of taking the same refusal again.
+        """
+        others = self._busy - 1
+        if others < 1 or others >= self._slots:
+            return
+        self._slots = others
+        log.warning(
+            "%s refused another connection (%s %s): using at most %d",
+            self.endpoint,
+            err.code,
+            err.reply,
+            others,
+        )
+        while len(self._idle) > self._slots:
+            await self._idle.pop(0).quit(self.timeout)
+
+    def _learn_cap(self, carried: int) -> None:
+        """A server that closes with 421 after the same number of messages twice has a cap: keep under it.
+
+        Reconnecting before the cap spares each of those messages a refusal and a retry.
+        """
+        if carried < 1 or carried >= self.max_per_connection:
+            return
+        self._closed_after[carried] += 1
+        if self._closed_after[carried] >= 2:
+            log.info(
+                "%s closes connections after %d messages; reconnecting before that", self.endpoint, carried
+            )
+            self.max_per_connection = carried
 
     async def _send_one(self, connection: aiosmtplib.SMTP, message: Message) -> Outcome:
         """MAIL, RCPT…, DATA for one message; refusals become outcomes, the connection is kept."""
@@ -304,6 +388,25 @@ class SmtpTransport(Transport):
         if reply.code != SMTPStatus.domain_unavailable:
             await _reset(connection)
         return _classify(reply.code, reply.message)
+
+
+def _positive(url: TransportURL, name: str, kind: type[float] | type[int], default: float) -> float:
+    """A positive number from the URL's query, or a ConfigError naming it."""
+    text = url.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"?{name}={text!r} in the transport URL must be a positive "
+            + ("whole number" if kind is int else "number of seconds"),
+            option="--transport",
+            hint=f"Write e.g. ?{name}={default:g}",
+        )
+    return value
 
 
 def _classify(code: int, text: str) -> Outcome:
