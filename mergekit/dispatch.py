@@ -51,6 +51,7 @@ THROTTLE_FACTOR = 0.8  # a throttling reply (429, 421, 4.7.x) cuts the run's rat
 # the rate is cut at most once per this many seconds.
 THROTTLE_COOLDOWN = 2.0
 RATE_WINDOW = 5.0  # seconds of accepted messages the measured rate is taken over
+MIN_MEASURED_SPAN = 1.0  # seconds of accepted messages before a measured rate means anything
 MIN_RATE = 0.05  # messages per second a throttled run never goes below (one every 20 s)
 # SMTP replies that mean "slow down" rather than "not this message": 421 (closing, e.g. too many
 # connections), enhanced status 4.7.x (policy, e.g. Postfix's "450 4.7.1 Error: too much mail"),
@@ -134,11 +135,18 @@ class RateLimiter:
             self._accepted.popleft()
 
     def measured(self) -> float | None:
-        """Messages per second the server accepted over the last ``RATE_WINDOW`` seconds."""
+        """Messages per second the server accepted over the last ``RATE_WINDOW`` seconds.
+
+        None until a full second has been watched: a throttling reply in the
+        first moments (a 429 among the first requests in flight) would otherwise
+        set the run's rate from a handful of messages, far below what the server takes.
+        """
         if self._first_accepted is None:
             return None
         now = self._clock()
-        span = max(1.0, min(RATE_WINDOW, now - self._first_accepted))
+        if now - self._first_accepted < MIN_MEASURED_SPAN:
+            return None
+        span = min(RATE_WINDOW, now - self._first_accepted)
         return sum(count for at, count in self._accepted if at >= now - RATE_WINDOW) / span
 
     def throttle(self, retry_after: float | None = None, reply: str = "") -> None:

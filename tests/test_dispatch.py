@@ -182,3 +182,20 @@ def test_unknown_rows_follow_the_policy(smtp_server: SmtpServer, tmp_path: Path,
 
         assert retry(ledger_path=str(tmp_path / "l.db")).exit_code == 0
         assert len(smtp_server.handler.by_recipient()) == 5
+
+
+def test_an_early_throttle_pauses_without_setting_a_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 among the first requests must not set the run's rate from a handful of messages."""
+    clock = FakeClock()
+    monkeypatch.setattr(asyncio, "sleep", clock.sleep)
+    limiter = RateLimiter(None, clock=clock)
+    limiter.accepted(2)
+    clock.now += 0.2
+    limiter.throttle(1.0, "429 Rate limit exceeded")
+    assert limiter.per_second is None
+    asyncio.run(limiter.acquire(1))
+    assert clock.slept == pytest.approx([1.0])  # the Retry-After is still honoured
+    clock.now += 2.0
+    limiter.accepted(300)
+    limiter.throttle(None, "429 Rate limit exceeded")
+    assert limiter.per_second == pytest.approx(0.8 * 302 / 3.2)
