@@ -11,8 +11,8 @@
 3. Rendering alone: mergekit's builder, ``EmailMessage`` + ``bytes()``, Jinja alone.
 4. A million-row CSV: ``pandas.read_csv`` alone, mergekit's ingest, and
    ``mergekit send --dry-run``; time and peak RSS, each in its own process.
-5. The HTTP path (``postmark://`` into a local stand-in) needs the HTTP
-   transports branch: :func:`http_path` is the hook; it reports "not measured".
+5. The HTTP path: render + ``postmark://`` into a local stand-in API against
+   rendering alone (:func:`http_path`).
 
 Every figure comes with its reference from the same run (the machine is shared,
 so absolute numbers drift; ratios much less). ``--quick`` runs small sizes to
@@ -343,26 +343,58 @@ def _count_rows(path: Path) -> int:
         return sum(1 for _ in file) - 1
 
 
-def http_path(results: Results) -> None:
-    """Hook for the HTTP path: postmark:// into a local stand-in vs rendering alone.
+def http_path(results: Results, rows: int, concurrency: int = 16) -> None:
+    """postmark:// into the local stand-in (its own process) against rendering alone, in process.
 
-    It needs the HTTP transports (another branch); until they are merged it
-    reports that it was not measured rather than invent a figure.
+    Both loops render the same rows with the same template; the second also sends
+    them through ``PostmarkTransport`` in batches of 500, ``concurrency`` requests
+    in flight. The ratio is what the HTTP transport costs over the render.
     """
-    try:
-        from mergekit.transports import transport_from_url
+    from mergekit.render import Template
+    from mergekit.transports import Status, transport_from_url
+    from tests.transports.fakeapi import KEYS
 
-        transport_from_url("postmark://?base_url=http://127.0.0.1:9")
-    except Exception:
-        results.add(
-            "HTTP", "postmark:// into a local stand-in", "not measured", "needs the HTTP transports branch"
+    from .http_vs_smtp import start_api
+
+    template = Template.from_path(rendering.TEMPLATE, campaign="bench")
+    data = rendering.sample_rows(rows)
+    render_rate = rendering.rate(rendering.build_mergekit, template, data)
+    api, base = start_api()
+    try:
+        transport = transport_from_url(
+            f"postmark://:{KEYS['postmark']}@?base_url={base}", concurrency=concurrency
         )
-        return
+
+        async def render_and_send() -> float:
+            limit = asyncio.Semaphore(concurrency)
+            batch = transport.max_batch
+
+            async def one(start: int) -> int:
+                async with limit:
+                    messages = [
+                        template.render(row, row=i, key=row["email"])
+                        for i, row in enumerate(data[start : start + batch], start=start + 1)
+                    ]
+                    outcomes = await transport.send_batch(messages)
+                    return sum(outcome.status is Status.SENT for outcome in outcomes)
+
+            async with transport:
+                started = time.perf_counter()
+                sent = sum(await asyncio.gather(*(one(i) for i in range(0, rows, batch))))
+                elapsed = time.perf_counter() - started
+            assert sent == rows, f"{sent} of {rows} sent"
+            return rows / elapsed
+
+        http_rate = asyncio.run(render_and_send())
+    finally:
+        api.terminate()
+        api.wait()
+    results.add("HTTP", "render alone (sample template)", f"{render_rate:,.0f} rows/s", "reference")
     results.add(
         "HTTP",
-        "postmark:// into a local stand-in",
-        "not measured",
-        "HTTP transports present: add the stand-in server here",
+        f"render + postmark:// into a local stand-in ({concurrency} requests in flight)",
+        f"{http_rate:,.0f} msg/s",
+        f"{http_rate / render_rate:.2f}x render alone",
     )
 
 
@@ -616,7 +648,7 @@ def main() -> None:
         if "render" in wanted:
             render_section(results, 2000 if quick else 20_000)
         if "http" in wanted:
-            http_path(results)
+            http_path(results, 2_000 if quick else 20_000)
         if "million" in wanted:
             million_section(results, folder, 50_000 if quick else 1_000_000)
     header[-1] += f" Load average at end {os.getloadavg()[0]:.2f}; took {time.time() - started:.0f} s."
