@@ -102,7 +102,7 @@ def main() -> None:
     finally:
         sink.terminate()
         sink.wait()
-    print(f"| run | rows | concurrency | msg/s | ratio |")
+    print("| run | rows | concurrency | msg/s | ratio |")
     print("|---|---|---|---|---|")
     print(
         f"| plain aiosmtplib loop, pre-rendered ({len(message)} B) | {rows} | {concurrency} "
