@@ -263,6 +263,7 @@ class Template:
         envelope_to: list[str] = []
         message_id_domain = "mergekit.invalid"
         attached: list[tuple[str, LoadedAttachment]] = []
+        parsed: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         for name, value in headers:
             lowered = name.lower()
             if lowered in GENERATED_HEADERS and lowered != "bcc":
@@ -277,6 +278,7 @@ class Template:
                 continue
             if lowered in ADDRESS_HEADERS:
                 addresses = _parse_addresses(value, header=name, row=row, key=key)
+                parsed.append((lowered, tuple(addresses)))
                 if lowered in RECIPIENT_HEADERS:
                     envelope_to.extend(address for _, address in addresses)
                 elif lowered == "from" and not envelope_from:
@@ -327,6 +329,7 @@ class Template:
             html=html,
             raw=raw,
             attachments=tuple(item.attachment for _, item in attached),
+            addresses=tuple(parsed),
         )
 
 

@@ -46,7 +46,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -400,10 +400,7 @@ class Recipients:
 def recipients(message: Message) -> Recipients:
     """From, To, Cc, Reply-To from the rendered headers; Bcc is the envelope's remainder."""
 
-    def pairs(name: str) -> list[tuple[str, str]]:
-        values = [value for key, value in message.headers if key.lower() == name]
-        return [(display, address) for display, address in getaddresses(values) if address]
-
+    pairs = message.addresses_in
     to, cc = pairs("to"), pairs("cc")
     shown = {_comparable(address) for _, address in to + cc}
     bcc = [("", address) for address in message.envelope_to if _comparable(address) not in shown]

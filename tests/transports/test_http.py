@@ -214,3 +214,20 @@ def test_unknown_scheme_lists_the_http_ones() -> None:
         "nylas://",
     ):
         assert scheme in str(raised.value)
+
+
+def test_api_recipients_come_from_the_render_not_a_second_parse() -> None:
+    """A display name holding "@" and "," from the data adds no recipient on the API path."""
+    from mergekit.render import Template, TemplateSource
+    from mergekit.transports.http import recipients
+
+    template = Template(
+        TemplateSource.parse(
+            "From: News <news@example.com>\nTo: {{ name }} <{{ email }}>\nSubject: s\n\nx\n"
+        ),
+        campaign="c",
+    )
+    message = template.render({"name": "x@evil.example, Jo", "email": "jo@example.org"}, row=1, key="k")
+    people = recipients(message)
+    assert people.to == [("x@evil.example, Jo", "jo@example.org")]
+    assert people.bcc == [] and people.sender == ("News", "news@example.com")
