@@ -17,10 +17,10 @@ States::
 are committed per batch in one transaction each, so a crash can only leave rows
 in ``sending``; the next run turns them into ``unknown``.
 
-Durability (SQLite): WAL with ``synchronous=FULL`` by default, so a committed
-``sent`` survives a power loss as well as a process kill; ``synchronous=NORMAL``
-(``?synchronous=normal``) survives a process kill but may lose the last
-commits on power loss.
+Durability (SQLite): WAL with ``synchronous=FULL``, so a committed ``sent``
+survives a power loss as well as a process kill. ``NORMAL`` would survive a
+process kill only: a power loss could roll ``sending`` back to ``pending`` and
+resend rows uncounted, so mergekit does not offer it (README "Guarantees").
 """
 
 from __future__ import annotations
@@ -323,13 +323,13 @@ _encode_data = json.JSONEncoder(ensure_ascii=False).encode
 class SqliteLedger(Ledger):
     """The embedded ledger: one SQLite file in WAL mode, safe against a process kill."""
 
-    def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self._lock_file: int | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._check_version()
