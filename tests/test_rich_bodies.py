@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mergekit import campaign
 from mergekit.bodies import html_to_text
+from mergekit.dispatch import SendOptions
 from mergekit.render import Template, TemplateSource
 from tests.smtpd import SmtpServer
 
@@ -25,6 +26,9 @@ HEADERS = (
     "To: {{ name }} <{{ email }}>\n"
     "Subject: Nyheder fra {{ city }}\n"
 )
+
+# One connection, one batch: messages reach the server in row order, as these tests index them.
+IN_ROW_ORDER = SendOptions(concurrency=1, batch_size=100)
 
 
 def _text(part: EmailMessage) -> str:
@@ -43,6 +47,7 @@ def _send(
         transport=smtp_server.url,
         ledger_path=str(tmp_path / "ledger.db"),
         content=campaign.ContentOptions(**content),  # type: ignore[arg-type]
+        options=IN_ROW_ORDER,
     )
     assert report.run.counts["sent"] == csv.count("\n") - 1, report.run.counts
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mergekit import campaign
+from mergekit.dispatch import SendOptions
 from tests.smtpd import SmtpServer
 
 DATABASE = """email,name,number
@@ -185,6 +186,9 @@ Hi, {{name}},
 ![image alt-description](image.jpg)
 """
 
+# One connection, one batch: messages reach the server in row order, as these tests index them.
+IN_ROW_ORDER = SendOptions(concurrency=1, batch_size=100)
+
 
 def _run(
     folder: Path, smtp_server: SmtpServer, template: str, database: str = DATABASE
@@ -197,6 +201,7 @@ def _run(
         folder / "mailmerge_template.txt",
         transport=smtp_server.url,
         ledger_path=str(folder / "mergekit.db"),
+        options=IN_ROW_ORDER,
     )
 
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from mergekit import campaign
 from mergekit.cli import main
+from mergekit.dispatch import SendOptions
 from mergekit.errors import ConfigError
 from mergekit.ledger import RowUpdate, open_ledger
 from mergekit.render import TemplateSource
@@ -25,6 +26,9 @@ TEMPLATE = (
     '<p>Hi {{ name }}. <a href="{{ unsubscribe_url }}">Unsubscribe</a></p>\n'
 )
 CSV = "email,name\nada@example.com,Ada\nbob@example.com,Bob\nCarol@Example.com,Carol\n"
+
+# One connection, one batch: messages reach the server in row order, as these tests index them.
+IN_ROW_ORDER = SendOptions(concurrency=1, batch_size=100)
 
 
 @pytest.fixture
@@ -52,6 +56,7 @@ def test_list_unsubscribe_headers_and_token(
         transport=smtp_server.url,
         ledger_path=str(files / "l.db"),
         content=content,
+        options=IN_ROW_ORDER,
     )
     assert len(smtp_server.messages) == 3
     message = smtp_server.messages[0].parsed(strict=True)
