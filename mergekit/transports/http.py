@@ -250,7 +250,7 @@ class HttpTransport(Transport):
                 await asyncio.sleep(wait)
             self.requests_made += 1
             try:
-                response = await self._client.request(
+                async with self._client.stream(
                     request.method,
                     request.path,
                     json=request.json,
@@ -258,7 +258,19 @@ class HttpTransport(Transport):
                     files=request.files,
                     content=request.content,
                     headers=request.headers,
-                )
+                ) as response:
+                    try:
+                        await response.aread()
+                    except httpx.TransportError as err:
+                        if not 200 <= response.status_code < 300:
+                            raise
+                        # The provider said 2xx, then the body broke off: it took the request,
+                        # but which messages it accepted is unknown. Never sent, never retried here.
+                        text = self.scrub(
+                            f"{self.name}: HTTP {response.status_code}, reply cut short "
+                            f"({type(err).__name__}); it may have been sent"
+                        )
+                        return [Outcome.unknown(text)] * count
             except httpx.TimeoutException as err:
                 return [Outcome.transient(None, f"{self.name}: timed out ({type(err).__name__})")] * count
             except httpx.TransportError as err:

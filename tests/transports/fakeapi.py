@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -62,6 +63,10 @@ class Delivery:
     text: str | None
     html: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+RESET = -1  # an injected "status": the connection drops in the middle of the reply
+TRUNCATED = -2  # an injected "status": a 200 whose body is cut short
 
 
 @dataclass
@@ -164,6 +169,9 @@ class FakeApi:
                     status, payload, headers = api.handle(self.path, dict(self.headers.items()), body)
                 except Reply as reply:
                     status, payload, headers = reply.status, reply.body, reply.headers
+                if status in (RESET, TRUNCATED):
+                    self.broken_reply(status, payload)
+                    return
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -172,6 +180,21 @@ class FakeApi:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def broken_reply(self, how: int, payload: bytes) -> None:
+                """RESET: half a status line, then the connection closes. TRUNCATED: a 200 whose
+                body stops short of its Content-Length (the request may well have been acted on)."""
+                if how == RESET:
+                    self.wfile.write(b"HTTP/1.1 2")
+                else:
+                    self.wfile.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(payload) + 100}\r\n\r\n".encode()
+                        + payload[: len(payload) // 2]
+                    )
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
 
         return Handler
 
@@ -186,13 +209,15 @@ class FakeApi:
             injected = self._injected.popleft() if self._injected else None
         if injected is not None and injected.delay:
             time.sleep(injected.delay)
-        if injected is not None and injected.status:
+        if injected is not None and injected.status and injected.status != TRUNCATED:
             raise Reply(injected.status, injected.body, injected.headers)
         handler = getattr(self, f"_{provider}", None)
         if handler is None:
             raise Reply(404, {"message": f"no such endpoint {path}"})
         result = handler(path, headers, body)
         status, payload = result[0], result[1]
+        if injected is not None and injected.status == TRUNCATED:
+            status = TRUNCATED  # the messages were taken; only the reply is cut short
         extra = result[2] if len(result) > 2 else {}
         return status, payload if isinstance(payload, bytes) else json.dumps(payload).encode(), extra
 

@@ -16,7 +16,7 @@ from mergekit.transports import transport_from_url
 from mergekit.transports.http import parse_retry_after
 from tests.conftest import run_cli
 from tests.transports.api_campaign import ENV, FAST, SECRETS, URLS, make_campaign, url_for
-from tests.transports.fakeapi import KEYS, FakeApi
+from tests.transports.fakeapi import KEYS, RESET, TRUNCATED, FakeApi
 
 MISSING = {
     "postmark": "POSTMARK_SERVER_TOKEN",
@@ -231,3 +231,43 @@ def test_api_recipients_come_from_the_render_not_a_second_parse() -> None:
     people = recipients(message)
     assert people.to == [("x@evil.example, Jo", "jo@example.org")]
     assert people.bcc == [] and people.sender == ("News", "news@example.com")
+
+
+def test_429_without_retry_after_is_retried_after_backoff(
+    api: FakeApi, keys_in_env: None, tmp_path: Path
+) -> None:
+    api.fail(1, 429, body={"ErrorCode": 429, "Message": "Rate limit exceeded"})
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("postmark", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 10 and api.requests["postmark"] == 2
+
+
+def test_connection_reset_mid_response_is_retried(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    """The server dropped the connection before a status: nothing says the batch was taken or not.
+
+    httpx raises a protocol error; it is retried (a transient network failure), and
+    Resend's retry carries the same Idempotency-Key so the provider can collapse it.
+    """
+    api.fail(1, RESET)
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("resend", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 10
+    assert api.requests["resend"] == 2 and len(set(api.keys_seen)) == 1
+
+
+def test_truncated_200_is_unknown_never_sent(api: FakeApi, keys_in_env: None, tmp_path: Path) -> None:
+    api.fail(1, TRUNCATED)
+    campaign = make_campaign(tmp_path, 10)
+    report = mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("postmark", api),
+        ledger_path=str(campaign.ledger), options=replace(FAST, unknown="skip"),
+    )  # fmt: skip
+    assert report.run.counts["sent"] == 0
+    assert report.run.counts["unknown"] + report.run.counts["deferred"] == 10
+    assert report.run.counts["unknown"] == 10, report.run.counts
