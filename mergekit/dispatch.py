@@ -51,7 +51,7 @@ THROTTLE_FACTOR = 0.8  # a throttling reply (429, 421, 4.7.x) cuts the run's rat
 # the rate is cut at most once per this many seconds.
 THROTTLE_COOLDOWN = 2.0
 RATE_WINDOW = 5.0  # seconds of accepted messages the measured rate is taken over
-MIN_MEASURED_SPAN = 1.0  # seconds of accepted messages before a measured rate means anything
+MIN_MEASURED = 10  # accepted messages before a measured rate means anything
 MIN_RATE = 0.05  # messages per second a throttled run never goes below (one every 20 s)
 # SMTP replies that mean "slow down" rather than "not this message": 421 (closing, e.g. too many
 # connections), enhanced status 4.7.x (policy, e.g. Postfix's "450 4.7.1 Error: too much mail"),
@@ -112,6 +112,7 @@ class RateLimiter:
         self._next_free = clock()
         self._accepted: deque[tuple[float, int]] = deque()
         self._first_accepted: float | None = None
+        self._accepted_total = 0
         self._last_cut = -float("inf")
         self.cuts = 0
 
@@ -130,6 +131,7 @@ class RateLimiter:
         now = self._clock()
         if self._first_accepted is None:
             self._first_accepted = now
+        self._accepted_total += count
         self._accepted.append((now, count))
         while self._accepted and self._accepted[0][0] < now - RATE_WINDOW:
             self._accepted.popleft()
@@ -137,16 +139,15 @@ class RateLimiter:
     def measured(self) -> float | None:
         """Messages per second the server accepted over the last ``RATE_WINDOW`` seconds.
 
-        None until a full second has been watched: a throttling reply in the
-        first moments (a 429 among the first requests in flight) would otherwise
-        set the run's rate from a handful of messages, far below what the server takes.
+        None until ``MIN_MEASURED`` messages were accepted: a throttling reply
+        among the first requests in flight (a 429 to the second of four) would
+        otherwise set the run's rate from one or two messages, far below what
+        the server takes.
         """
-        if self._first_accepted is None:
+        if self._first_accepted is None or self._accepted_total < MIN_MEASURED:
             return None
         now = self._clock()
-        if now - self._first_accepted < MIN_MEASURED_SPAN:
-            return None
-        span = min(RATE_WINDOW, now - self._first_accepted)
+        span = max(1.0, min(RATE_WINDOW, now - self._first_accepted))
         return sum(count for at, count in self._accepted if at >= now - RATE_WINDOW) / span
 
     def throttle(self, retry_after: float | None = None, reply: str = "") -> None:
