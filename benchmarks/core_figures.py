@@ -19,10 +19,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tests.helpers import write_campaign
+from tests.helpers import send_command, signal_when_received, write_campaign
 from tests.smtpd import SmtpServer
 from tests.test_cli import MESSY_CSV, MESSY_TEMPLATE
 
@@ -53,12 +52,9 @@ def killed_and_resumed(folder: Path) -> None:
     server = SmtpServer(data_delay=0.003).start()
     try:
         recipients, template = write_campaign(folder, 1500)
-        args = [sys.executable, "-m", "mergekit", "send", str(recipients), str(template), "--transport",
-                server.url, "--concurrency", "4", "--batch-size", "25"]  # fmt: skip
+        args = send_command(recipients, template, server.url, "--concurrency", "4", "--batch-size", "25")
         process = subprocess.Popen(args, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while len(server.messages) < 400 and process.poll() is None:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
+        signal_when_received(process, server, 400, signal.SIGKILL)
         process.wait()
         at_kill = len(server.messages)
         after_kill = json.loads(mergekit("status", "--json", cwd=folder).stdout)

@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from click.testing import CliRunner
 from mergekit.cli import main
 from mergekit.ledger import STATES
 from tests.conftest import ROOT, run_cli
-from tests.helpers import TEMPLATE, write_campaign
+from tests.helpers import TEMPLATE, send_command, signal_when_received, write_campaign
 from tests.smtpd import SmtpServer, free_port
 
 MESSY_CSV = (
@@ -282,25 +280,9 @@ def test_sigkill_mid_campaign_then_resume(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.003).start()
     try:
         recipients, template = write_campaign(tmp_path, 1500)
-        args = [
-            sys.executable,
-            "-m",
-            "mergekit",
-            "send",
-            str(recipients),
-            str(template),
-            "--transport",
-            f"smtp://127.0.0.1:{server.port}",
-            "--concurrency",
-            "4",
-            "--batch-size",
-            "25",
-        ]
+        args = send_command(recipients, template, server.url, "--concurrency", "4", "--batch-size", "25")
         process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while len(server.messages) < 300 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
+        signal_when_received(process, server, 300, signal.SIGKILL)
         process.wait()
         before = len(server.messages)
         assert 300 <= before < 1500

@@ -6,8 +6,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from mergekit import SendOptions, send
 from mergekit.dispatch import Rate, RateLimiter, campaign_exit_code
 from mergekit.errors import ConfigError
-from tests.helpers import write_campaign
+from tests.helpers import send_command, signal_when_received, write_campaign
 from tests.smtpd import SmtpServer
 
 
@@ -86,28 +84,13 @@ def test_sigterm_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.005).start()
     try:
         recipients, template = write_campaign(tmp_path, 1000)
-        args = [
-            sys.executable,
-            "-m",
-            "mergekit",
-            "send",
-            str(recipients),
-            str(template),
-            "--transport",
-            f"smtp://127.0.0.1:{server.port}",
-            "--concurrency",
-            "2",
-            "--batch-size",
-            "10",
-            "--json",
-        ]
+        args = send_command(
+            recipients, template, server.url, "--concurrency", "2", "--batch-size", "10", "--json"
+        )
         process = subprocess.Popen(
             args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        deadline = time.monotonic() + 60
-        while len(server.messages) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
+        signal_when_received(process, server, 100, signal.SIGTERM)
         out, err = process.communicate(timeout=60)
         assert process.returncode == 3, err
         stopped = json.loads(out)
