@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from tests.helpers import write_campaign
+from tests.helpers import send_command, write_campaign
 from tests.smtpd import free_port
 
 
@@ -57,19 +57,9 @@ def mergekit_run(folder: Path, port: int, rows: int, concurrency: int) -> float:
     recipients, template = write_campaign(folder, rows)
     started = time.perf_counter()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mergekit",
-            "send",
-            str(recipients),
-            str(template),
-            "--transport",
-            f"smtp://127.0.0.1:{port}",
-            "--concurrency",
-            str(concurrency),
-            "--json",
-        ],
+        send_command(
+            recipients, template, f"smtp://127.0.0.1:{port}", "--concurrency", str(concurrency), "--json"
+        ),
         cwd=folder,
         capture_output=True,
         text=True,

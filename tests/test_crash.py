@@ -13,8 +13,10 @@ import pytest
 
 from benchmarks.crash_trials import calibrate, run_trial
 from tests.conftest import ROOT
-from tests.helpers import write_campaign
+from tests.helpers import send_command, write_campaign
 from tests.smtpd import SmtpServer
+
+CRASH_OPTIONS = ("--concurrency", "2", "--batch-size", "10")
 
 
 @pytest.mark.parametrize("mode", ["commit", "mid-data", "after-data", "random"])
@@ -29,29 +31,11 @@ def test_sigkill_then_resume_loses_nothing(mode: str, tmp_path: Path) -> None:
         assert trial.kills >= 1
 
 
-def send_args(recipients: Path, template: Path, port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mergekit",
-        "send",
-        str(recipients),
-        str(template),
-        "--transport",
-        f"smtp://127.0.0.1:{port}",
-        "--concurrency",
-        "2",
-        "--batch-size",
-        "10",
-        *extra,
-    ]
-
-
 def test_second_send_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.005).start()
     try:
         recipients, template = write_campaign(tmp_path, 400)
-        args = send_args(recipients, template, server.port)
+        args = send_command(recipients, template, f"smtp://127.0.0.1:{server.port}", *CRASH_OPTIONS)
         first = subprocess.Popen(
             args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -90,7 +74,7 @@ def test_two_sends_started_together_never_double_send(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.003).start()
     try:
         recipients, template = write_campaign(tmp_path, 200)
-        args = send_args(recipients, template, server.port, "--json")
+        args = send_command(recipients, template, f"smtp://127.0.0.1:{server.port}", *CRASH_OPTIONS, "--json")
         both = [
             subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)
