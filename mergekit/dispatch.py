@@ -540,9 +540,10 @@ class Dispatcher:
                 return
 
     def _throttle(self, retry_after: float, reply: str) -> None:
-        """Lower the run's rate, and the batch size with it (about a second of the rate)."""
+        """Lower the run's rate, and the batch size with it (about a second of the rate) where a
+        batch is not one API request: splitting a request would only multiply requests."""
         self.limiter.throttle(retry_after, reply[:120])
-        if self.limiter.per_second:
+        if self.limiter.per_second and not self.transport.batch_is_request:
             self.batch_size = max(1, min(self.batch_size, int(self.limiter.per_second)))
 
     async def _send(
