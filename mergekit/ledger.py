@@ -496,42 +496,56 @@ class SqliteLedger(Ledger):
                 if len(claimed) >= limit:
                     break
                 condition, bound = claim_condition(state, due_before, settled_before)
-                rows = self._db.execute(
-                    "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN"
-                    f" (SELECT id FROM recipients WHERE campaign_id = ? AND state = ?"
-                    f" {condition.replace('%s', '?')} ORDER BY id LIMIT ?)"
-                    " RETURNING id, row, key, data, attempts",
-                    (now, campaign.id, state, *bound, limit - len(claimed)),
-                ).fetchall()
-                claimed.extend(ClaimedRow(i, r, k, json.loads(d), a, state) for i, r, k, d, a in rows)
+                # One JSON array per claim, not one fetched row per recipient: every step of a
+                # statement lets go of the GIL, and this runs on the ledger thread while the
+                # sending loop holds it; a per-row fetch waited for it once per row.
+                found = self._db.execute(
+                    "SELECT json_group_array(json_array(id, row, key, json(data), attempts)) FROM"
+                    f" (SELECT id, row, key, data, attempts FROM recipients WHERE campaign_id = ?"
+                    f" AND state = ? {condition.replace('%s', '?')} ORDER BY id LIMIT ?)",
+                    (campaign.id, state, *bound, limit - len(claimed)),
+                ).fetchone()[0]
+                rows = json.loads(found)
+                if not rows:
+                    continue
+                self._db.execute(
+                    "UPDATE recipients SET state = 'sending', updated_at = ?"
+                    " WHERE id IN (SELECT value FROM json_each(?))",
+                    (now, json.dumps([r[0] for r in rows])),
+                )
+                claimed.extend(ClaimedRow(i, r, k, d, a, state) for i, r, k, d, a in rows)
         claimed.sort(key=lambda row: row.id)
         return claimed
 
     def record(self, campaign: Campaign, updates: Sequence[RowUpdate]) -> None:
-        now = time.time()
-        with self._transaction():
-            self._db.executemany(
-                "UPDATE recipients SET state = ?, attempts = attempts + ?, last_code = ?,"
-                " last_text = ?, provider_id = COALESCE(?, provider_id),"
-                " message_id = COALESCE(?, message_id), next_attempt_at = ?, updated_at = ?,"
-                " unknown_count = unknown_count + ?"
-                " WHERE id = ? AND campaign_id = ?",
+        # One statement over a JSON array rather than executemany: one step, so the ledger
+        # thread takes the GIL back once per round instead of once per row (see claim).
+        table = _encode_data(
+            [
                 [
-                    (
-                        u.state,
-                        int(u.attempted),
-                        u.code,
-                        u.text,
-                        u.provider_id,
-                        u.message_id,
-                        u.next_attempt_at,
-                        now,
-                        int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
-                        u.id,
-                        campaign.id,
-                    )
-                    for u in updates
-                ],
+                    u.id,
+                    u.state,
+                    int(u.attempted),
+                    u.code,
+                    u.text,
+                    u.provider_id,
+                    u.message_id,
+                    u.next_attempt_at,
+                    int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
+                ]
+                for u in updates
+            ]
+        )
+        with self._transaction():
+            self._db.execute(
+                "UPDATE recipients SET state = u.value ->> 1, attempts = attempts + (u.value ->> 2),"
+                " last_code = u.value ->> 3, last_text = u.value ->> 4,"
+                " provider_id = COALESCE(u.value ->> 5, provider_id),"
+                " message_id = COALESCE(u.value ->> 6, message_id), next_attempt_at = u.value ->> 7,"
+                " updated_at = ?, unknown_count = unknown_count + (u.value ->> 8)"
+                # ``+campaign_id``: by the primary key per update, not a scan of the campaign's index
+                " FROM json_each(?) AS u WHERE recipients.id = u.value ->> 0 AND +campaign_id = ?",
+                (time.time(), table, campaign.id),
             )
 
     def counts(self, campaign: Campaign) -> dict[str, int]:
