@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 # A run with fewer rows to send renders in-process: a worker costs ~50 ms to start.
 MIN_ROWS_FOR_WORKERS = 5000
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Batches a worker holds at once; past this the sending process renders the batch itself.
-QUEUED_PER_WORKER = 2
 
 RowInput = tuple[int, str, dict[str, str]]  # (row number, recipient key, data)
 Rendered = Message | str  # the message, or why the row is invalid
@@ -48,12 +46,16 @@ Rendered = Message | str  # the message, or why the row is invalid
 _template: Template | None = None  # the worker's compiled template
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_processes(rows_to_send: int) -> int:
     """Worker processes for a run: one per core beyond the first, none for a small run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if rows_to_send < MIN_ROWS_FOR_WORKERS:
         return 0
-    return max(0, min(cores - 1, 4))
+    return max(0, min(usable_cores() - 1, 4))
 
 
 def render_rows(template: Template, rows: Sequence[RowInput]) -> list[Rendered]:
@@ -103,7 +105,6 @@ class Renderer:
         self.template = template
         self.processes = processes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._queued = 0  # batches handed to the workers and not yet back
 
     async def start(self) -> None:
         """Start the workers (before any other thread of this run, so ``fork`` is safe)."""
@@ -128,18 +129,15 @@ class Renderer:
             self._drop_pool()
 
     async def render(self, rows: Sequence[RowInput]) -> list[Rendered]:
-        """Render in a worker; when the workers already hold enough batches to stay busy,
-        render here instead, so the sending loop's idle time renders too."""
-        if self._pool is not None and self._queued < self.processes * QUEUED_PER_WORKER:
-            self._queued += 1
+        """Render in a worker whenever there is one, however many batches it holds: this
+        process's own core is busy sending, and a batch rendered here would hold that up."""
+        if self._pool is not None:
             try:
                 found = await asyncio.get_running_loop().run_in_executor(self._pool, _render_in_worker, rows)
                 return [item if isinstance(item, str) else Message(*item) for item in found]
             except BrokenProcessPool:
                 log.warning("a render worker died; rendering in this process from now on")
                 self._drop_pool()
-            finally:
-                self._queued -= 1
         return render_rows(self.template, rows)
 
     def close(self) -> None:
