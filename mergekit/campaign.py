@@ -23,8 +23,9 @@ from typing import Any
 
 from .dispatch import Dispatcher, Rate, RunResult, SendOptions
 from .errors import ConfigError, LedgerError, RenderError
-from .ledger import STATES, Campaign, Ledger, LedgerRow, open_ledger
+from .ledger import STATES, Campaign, Ledger, LedgerRow, SqliteLedger, open_ledger
 from .render import Template, TemplateSource
+from .senders import Senders, run_dispatcher, sending_processes
 from .source import SourceOptions, SourceRow, read_rows
 from .transports import transport_from_url
 from .transports.base import Message
@@ -113,14 +114,15 @@ def send(
     source: SourceOptions = SourceOptions(),
     allow_template_change: bool = False,
     on_progress: Callable[[Counter[str]], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
     content: ContentOptions = ContentOptions(),
 ) -> SendReport:
     """Ingest ``recipients`` and send every sendable row; resume if the campaign exists.
 
     Everything that can be wrong with the arguments (template syntax, transport
     URL, options, CSV shape and encoding) raises before the first message leaves.
-    ``on_start`` gets the number of rows this run will try to send.
+    ``on_start`` gets the number of rows this run will try to send and the number
+    of processes that send them.
 
     :raises ConfigError, InputError, TemplateError, LedgerError: bad arguments; nothing sent.
     :raises TransportError: the transport cannot work at all; rows stay resumable.
@@ -187,7 +189,7 @@ def _ingest_and_dispatch(
     source: SourceOptions,
     allow_template_change: bool,
     on_progress: Callable[[Counter[str]], None] | None,
-    on_start: Callable[[int], None] | None,
+    on_start: Callable[[int, int], None] | None,
     content: ContentOptions,
 ) -> SendReport:
     record = ledger.open_campaign(
@@ -222,26 +224,17 @@ def _dispatch(
     sender: Any,
     options: SendOptions,
     on_progress: Callable[[Counter[str]], None] | None,
-    on_start: Callable[[int], None] | None,
+    on_start: Callable[[int, int], None] | None,
 ) -> RunResult:
+    to_send = _sendable(ledger.counts(record), options)
+    processes = sending_processes(ledger, options, to_send)
     if on_start is not None:
-        on_start(_sendable(ledger.counts(record), options))
-    dispatcher = Dispatcher(ledger, record, compiled, sender, options, on_progress)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_run_with_signals(dispatcher))
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when installed (``pip install mergekit[fast]``) unless
-    ``MERGEKIT_UVLOOP=0``: a cheaper loop for a CPU-bound sender (docs/benchmarks)."""
-    if os.environ.get("MERGEKIT_UVLOOP", "1") == "0":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+        on_start(to_send, processes)
+    if processes == 1:
+        return run_dispatcher(Dispatcher(ledger, record, compiled, sender, options, on_progress))
+    assert isinstance(ledger, SqliteLedger)
+    senders, share = Senders.fork(processes, ledger, record, compiled, sender, options)
+    return run_dispatcher(Dispatcher(ledger, record, compiled, sender, share, on_progress), senders)
 
 
 def _sendable(counts: dict[str, int], options: SendOptions) -> int:
@@ -251,18 +244,6 @@ def _sendable(counts: dict[str, int], options: SendOptions) -> int:
     if options.include_failed:
         total += counts["failed"]
     return total
-
-
-async def _run_with_signals(dispatcher: Dispatcher) -> RunResult:
-    loop = asyncio.get_running_loop()
-    handled = (signal.SIGINT, signal.SIGTERM)
-    for sig in handled:
-        loop.add_signal_handler(sig, dispatcher.stop)
-    try:
-        return await dispatcher.run()
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
 
 
 def _already_sent_note(ledger_path: str, name: str) -> list[str]:
@@ -290,7 +271,7 @@ def retry(
     transport: str | None = None,
     options: SendOptions = SendOptions(),
     on_progress: Callable[[Counter[str]], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> SendReport:
     """Send ``deferred`` and ``unknown`` rows now (and ``failed`` with ``include_failed``).
 

@@ -156,6 +156,12 @@ def send_options(command: F) -> F:
             ),
             click.option("--rate", metavar="N/s|N/m|N/h", help="Cap the send rate, e.g. 50/s."),
             click.option(
+                "--processes",
+                type=int,
+                help="Processes that send, sharing --concurrency (SQLite ledger; default: one per "
+                "core, up to 4, for 5,000 rows or more).",
+            ),
+            click.option(
                 "--max-attempts",
                 default=3,
                 show_default=True,
@@ -283,6 +289,7 @@ def send(
     concurrency: int,
     batch_size: int | None,
     rate: str | None,
+    processes: int | None,
     max_attempts: int,
     as_json: bool,
     unknown: str,
@@ -300,6 +307,7 @@ def send(
         concurrency=concurrency,
         batch_size=batch_size,
         rate=Rate.parse(rate) if rate else None,
+        processes=processes,
         max_attempts=max_attempts,
         unknown=unknown,
         dry_run=dry_run,
@@ -335,6 +343,7 @@ def retry(
     concurrency: int,
     batch_size: int | None,
     rate: str | None,
+    processes: int | None,
     max_attempts: int,
     as_json: bool,
 ) -> None:
@@ -343,6 +352,7 @@ def retry(
         concurrency=concurrency,
         batch_size=batch_size,
         rate=Rate.parse(rate) if rate else None,
+        processes=processes,
         max_attempts=max_attempts,
         include_failed=include_failed,
     )
@@ -492,8 +502,12 @@ def _source(email_column: str, key_column: str | None, encoding: str) -> SourceO
     return SourceOptions(encoding=chosen, email_column=email_column, key_column=key_column)
 
 
+def _from_processes(processes: int) -> str:
+    return f" from {processes} processes" if processes > 1 else ""
+
+
 @contextmanager
-def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[Counter[str]], None]]]:
+def _progress() -> Iterator[tuple[Callable[[int, int], None], Callable[[Counter[str]], None]]]:
     """A rich progress bar on a terminal; a plain line every few seconds otherwise."""
     console = Console(stderr=True)
     if console.is_terminal:
@@ -510,7 +524,7 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[Counter[str]]
         started = time.monotonic()
         done = 0
 
-        def start_bar(total: int) -> None:
+        def start_bar(total: int, processes: int) -> None:
             bar.update(task, total=total)
 
         def advance_bar(counts: Counter[str]) -> None:
@@ -523,9 +537,9 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[Counter[str]]
         return
     state = {"total": 0, "done": 0, "last": time.monotonic(), "started": time.monotonic()}
 
-    def start_lines(total: int) -> None:
+    def start_lines(total: int, processes: int) -> None:
         state["total"] = total
-        click.echo(f"sending up to {total} rows", err=True)
+        click.echo(f"sending up to {total} rows{_from_processes(processes)}", err=True)
 
     def advance_lines(counts: Counter[str]) -> None:
         state["done"] += sum(counts.values())

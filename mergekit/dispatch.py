@@ -190,6 +190,7 @@ class SendOptions:
     defer_max: float = 3600.0
     stop_timeout: float = 30.0
     render_processes: int | None = None  # worker processes that render; None: one per spare core
+    processes: int | None = None  # processes sending (SQLite ledger); None: one per core, large runs
 
     def check(self) -> None:
         """Refuse impossible values, naming the option, before anything is sent."""
@@ -201,6 +202,12 @@ class SendOptions:
             raise ConfigError("must be at least 1", option="--max-attempts")
         if self.render_processes is not None and self.render_processes < 0:
             raise ConfigError("must be at least 0", option="render_processes")
+        if self.processes is not None and self.processes < 1:
+            raise ConfigError("must be at least 1", option="--processes")
+        if self.processes is not None and self.processes > 1 and self.rate is not None:
+            raise ConfigError(
+                "a --rate needs one sending process", option="--processes", hint="Drop --processes"
+            )
         if self.unknown not in {"resend", "skip"}:
             raise ConfigError("must be resend or skip", option="--unknown")
 
@@ -271,6 +278,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         # Rows this run settles (deferred, unknown, failed) are not claimed again before it
         # ends: a lost reply is not resent at once, a refusing server is not retried for ever.
+        self._began = time.monotonic()
         self._started = time.time()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._claims: list[tuple[int, asyncio.Future[list[ClaimedRow]]]] = []
@@ -294,7 +302,7 @@ class Dispatcher:
         self._stopping.set()
 
     async def run(self) -> RunResult:
-        started = time.monotonic()
+        self._began = time.monotonic()
         self._started = time.time()
         self.transport.prepare(self.template)
         counts = self.ledger.counts(self.campaign)
@@ -302,7 +310,9 @@ class Dispatcher:
         if to_send and not self.transport.batch_is_request:
             # Even shares: every worker gets the same number of batches, so no
             # connection idles while others finish a last round. (Where a batch is
-            # one API request, fewer and fuller requests matter more.)
+            # one API request, fewer and fuller requests matter more.) Other sending
+            # processes take their part of the rows.
+            to_send = math.ceil(to_send / (self.options.processes or 1))
             rounds = math.ceil(to_send / (self.options.concurrency * self.batch_size))
             self.batch_size = max(1, math.ceil(to_send / (self.options.concurrency * rounds)))
         processes = self.options.render_processes
@@ -324,6 +334,10 @@ class Dispatcher:
             await asyncio.gather(*self._unconfirmed, return_exceptions=True)
             self._renderer.close()
             self._executor.shutdown(wait=True)
+        return self.result()
+
+    def result(self) -> RunResult:
+        """This run's counts and where the campaign stands in the ledger now."""
         counts = self.ledger.counts(self.campaign)
         if self.options.dry_run:
             counts["pending"] += counts["sending"]
@@ -333,7 +347,7 @@ class Dispatcher:
             counts=counts,
             this_run=self.this_run,
             interrupted=self._stopping.is_set(),
-            elapsed=time.monotonic() - started,
+            elapsed=time.monotonic() - self._began,
             next_due=self.ledger.next_due(self.campaign) if counts["deferred"] else None,
         )
 
