@@ -137,6 +137,26 @@ class TemplateSource:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
+class _Compiled:
+    """A compiled Jinja template that renders a row the way ``jinja2.Template.render`` does,
+    less its per-call copy of the template's globals (a ChainMap, slow to iterate) into
+    every row's context: flattened once here, that is a third of a short template's cost."""
+
+    __slots__ = ("_globals", "template")
+
+    def __init__(self, template: jinja2.Template) -> None:
+        self.template = template
+        self._globals = dict(template.globals)
+
+    def render(self, data: Mapping[str, Any]) -> str:
+        template = self.template
+        context = template.new_context({**self._globals, **data}, shared=True)
+        try:
+            return "".join(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()
+
+
 class Template:
     """A compiled template that renders rows into messages for one campaign.
 
@@ -163,8 +183,8 @@ class Template:
         self._headers = self._compile(_environment(finalize=_mark_header_value), source.header_source, 1)
         self.kind = bodies.detect_kind(source.header_source, source.path)
         self.css: bodies.CssPlan | None = None
-        self._body: jinja2.Template | None = None  # the text part (Markdown source for Markdown)
-        self._html: jinja2.Template | None = None
+        self._body: _Compiled | None = None  # the text part (Markdown source for Markdown)
+        self._html: _Compiled | None = None
         self._markdown = False
         parts = [bodies.SourcePart(self.kind.kind, source.body_source, source.body_line)]
         if self.kind.kind == bodies.ALTERNATIVE:
@@ -207,9 +227,9 @@ class Template:
             unsubscribe=unsubscribe,
         )
 
-    def _compile(self, env: SandboxedEnvironment, text: str, first_line: int) -> jinja2.Template:
+    def _compile(self, env: SandboxedEnvironment, text: str, first_line: int) -> _Compiled:
         try:
-            return env.from_string(text)
+            return _Compiled(env.from_string(text))
         except jinja2.TemplateSyntaxError as err:
             raise TemplateError(
                 f"template syntax error: {err.message}",
