@@ -39,12 +39,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from mergekit.campaign import campaign_settings
-from mergekit.dispatch import SendOptions
 from mergekit.ledger import RowUpdate, open_ledger
 from mergekit.ledger_postgres import PostgresLedger
-from mergekit.render import TemplateSource
-from mergekit.source import read_rows
+from tests.helpers import ingest_for_workers
+from tests.helpers import start_worker as start_worker_process
 
 TEMPLATE = (
     "From: a@example.com\nTo: {{ name }} <{{ email }}>\nSubject: note {{ n }}\n\nHello {{ name }}, #{{ n }}\n"
@@ -69,49 +67,11 @@ def drop_database(server: str, url: str) -> None:
 
 
 def make_campaign(url: str, folder: Path, rows: int, transport: str) -> None:
-    recipients = folder / f"people-{rows}.csv"
-    if not recipients.exists():
-        recipients.write_text(
-            "email,name,n\n" + "".join(f"p{i}@example.com,P {i},{i}\n" for i in range(rows))
-        )
-    template = folder / "note.txt"
-    template.write_text(TEMPLATE)
-    source = TemplateSource.read(template)
-    ledger = open_ledger(url)
-    record = ledger.open_campaign(
-        CAMPAIGN,
-        template_path=str(template),
-        template_source=source.text,
-        fingerprint=source.fingerprint,
-        transport=transport,
-        allow_template_change=False,
-        settings=campaign_settings(SendOptions()),
-    )
-    ledger.ingest(record, read_rows(recipients))
-    ledger.close()
+    ingest_for_workers(url, folder, rows, template=TEMPLATE, campaign=CAMPAIGN, transport=transport)
 
 
 def start_worker(url: str, transport: str, folder: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mergekit.cli",
-            "worker",
-            "--ledger",
-            url,
-            "--campaign",
-            CAMPAIGN,
-            "--transport",
-            transport,
-            "--json",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=folder,
-    )
+    return start_worker_process(url, CAMPAIGN, folder, "--transport", transport, *extra)
 
 
 def finish(worker: subprocess.Popen[str]) -> dict[str, Any]:

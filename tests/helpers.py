@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mergekit.campaign import campaign_settings
+from mergekit.dispatch import Rate, SendOptions
+from mergekit.ledger import open_ledger
+from mergekit.render import TemplateSource
+from mergekit.source import read_rows
 from tests.smtpd import SmtpServer
 
 TEMPLATE = """\
@@ -40,6 +46,66 @@ def send_command(recipients: Path, template: Path, transport: str, *options: str
     """``mergekit send`` as a user runs it, for a subprocess."""
     return [sys.executable, "-m", "mergekit", "send", str(recipients), str(template),
             "--transport", transport, *options]  # fmt: skip
+
+
+def ingest_for_workers(
+    ledger: str,
+    folder: Path,
+    count: int,
+    *,
+    template: str,
+    campaign: str,
+    transport: str,
+    rate: Rate | None = None,
+) -> int:
+    """``count`` rows ``p{i}@example.com`` ingested into ``campaign`` as ``mergekit send`` would,
+    nothing sent: the campaign ``mergekit worker`` processes then share. Returns the rows added."""
+    recipients = folder / f"people-{count}.csv"
+    if not recipients.exists():
+        rows = "".join(f"p{i}@example.com,P {i},{i}\n" for i in range(count))
+        recipients.write_text("email,name,n\n" + rows)
+    template_path = folder / "note.txt"
+    template_path.write_text(template)
+    source = TemplateSource.read(template_path)
+    opened = open_ledger(ledger)
+    try:
+        record = opened.open_campaign(
+            campaign,
+            template_path=str(template_path),
+            template_source=source.text,
+            fingerprint=source.fingerprint,
+            transport=transport,
+            allow_template_change=False,
+            settings=campaign_settings(SendOptions(rate=rate)),
+        )
+        return opened.ingest(record, read_rows(recipients)).added
+    finally:
+        opened.close()
+
+
+def start_worker(
+    ledger: str, campaign: str, folder: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``mergekit worker --json`` on ``campaign`` as a subprocess, its output captured."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mergekit.cli",
+            "worker",
+            "--ledger",
+            ledger,
+            "--campaign",
+            campaign,
+            "--json",
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=folder,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def signal_when_received(

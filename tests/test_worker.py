@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from mergekit.campaign import campaign_settings
-from mergekit.dispatch import Rate, SendOptions
-from mergekit.ledger import open_ledger
-from mergekit.render import TemplateSource
-from mergekit.source import read_rows
+from mergekit.dispatch import Rate
+from tests.helpers import ingest_for_workers
+from tests.helpers import start_worker as start_worker_process
 
 if TYPE_CHECKING:
     from tests.smtpd import SmtpServer
@@ -29,46 +26,17 @@ CAMPAIGN = "people-note"
 
 
 def make_campaign(url: str, tmp_path: Path, count: int, port: int, rate: Rate | None = None) -> None:
-    """Ingest ``count`` rows into a campaign the way ``mergekit send`` would, sending nothing."""
-    recipients = tmp_path / "people.csv"
-    recipients.write_text("email,name,n\n" + "".join(f"p{i}@example.com,P {i},{i}\n" for i in range(count)))
-    template = tmp_path / "note.txt"
-    template.write_text(TEMPLATE)
-    source = TemplateSource.read(template)
-    ledger = open_ledger(url)
-    record = ledger.open_campaign(
-        CAMPAIGN,
-        template_path=str(template),
-        template_source=source.text,
-        fingerprint=source.fingerprint,
-        transport=f"smtp://127.0.0.1:{port}",
-        allow_template_change=False,
-        settings=campaign_settings(SendOptions(rate=rate)),
+    transport = f"smtp://127.0.0.1:{port}"
+    added = ingest_for_workers(
+        url, tmp_path, count, template=TEMPLATE, campaign=CAMPAIGN, transport=transport, rate=rate
     )
-    assert ledger.ingest(record, read_rows(recipients)).added == count
-    ledger.close()
+    assert added == count
 
 
 def start_worker(url: str, port: int, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "MERGEKIT_TRANSPORT": f"smtp://127.0.0.1:{port}"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mergekit.cli",
-            "worker",
-            "--ledger",
-            url,
-            "--campaign",
-            CAMPAIGN,
-            "--json",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=env,
+    """A worker that takes its transport from the environment, as a deployment would."""
+    return start_worker_process(
+        url, CAMPAIGN, tmp_path, *extra, env={"MERGEKIT_TRANSPORT": f"smtp://127.0.0.1:{port}"}
     )
 
 
