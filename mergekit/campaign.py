@@ -584,7 +584,11 @@ def preview(
 
 
 def _preview_rows(
-    chunks: Iterable[list[SourceRow]], compiled: Template, limit: int, row: int | None, recipients: str | Path
+    chunks: Iterable[Sequence[SourceRow]],
+    compiled: Template,
+    limit: int,
+    row: int | None,
+    recipients: str | Path,
 ) -> list[PreviewItem]:
     items: list[PreviewItem] = []
     for chunk in chunks:

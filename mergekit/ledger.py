@@ -33,10 +33,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Protocol
 
 from .errors import LedgerBusyError, LedgerError
-from .source import SourceRow
+from .source import SourceRow, ingest_columns
 
 STATES = ("pending", "sending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed", "unknown")
 # Rows still to be delivered: a campaign with any of these is resumable (exit 3).
@@ -197,7 +198,11 @@ class Ledger(ABC):
 
     @abstractmethod
     def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
-        """Add rows not yet recorded (by key and occurrence); leave known rows untouched."""
+        """Add rows not yet recorded (by key and occurrence); leave known rows untouched.
+
+        ``chunks`` are :func:`~mergekit.source.read_rows`' chunks (inserted from
+        their columns) or any sequences of rows; one transaction per chunk.
+        """
 
     @abstractmethod
     def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
@@ -316,10 +321,6 @@ CREATE INDEX IF NOT EXISTS recipients_to_claim ON recipients (campaign_id, state
 """
 
 
-# One encoder for every row: json.dumps with options builds a new encoder per call.
-_encode_data = json.JSONEncoder(ensure_ascii=False).encode
-
-
 class SqliteLedger(Ledger):
     """The embedded ledger: one SQLite file in WAL mode, safe against a process kill."""
 
@@ -425,31 +426,29 @@ class SqliteLedger(Ledger):
     def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
         added = known = 0
         now = time.time()
-        for chunk in chunks:
+        for chunk in map(ingest_columns, chunks):
             before = self._db.total_changes
             with self._transaction():
+                # One list per column, zipped: no tuple of a row built ahead of the driver's own.
                 self._db.executemany(
                     "INSERT INTO recipients (campaign_id, row, key, occurrence, email, data, state,"
                     " last_text, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (campaign_id, key, occurrence) DO NOTHING",
-                    [
-                        (
-                            campaign.id,
-                            r.row,
-                            r.key,
-                            r.occurrence,
-                            r.email,
-                            _encode_data(r.data),
-                            r.state,
-                            r.reason,
-                            now,
-                        )
-                        for r in chunk
-                    ],
+                    zip(
+                        repeat(campaign.id),
+                        chunk.rows,
+                        chunk.keys,
+                        chunk.occurrences,
+                        chunk.emails,
+                        chunk.data,
+                        chunk.states,
+                        chunk.reasons,
+                        repeat(now),
+                    ),
                 )
             inserted = self._db.total_changes - before
             added += inserted
-            known += len(chunk) - inserted
+            known += len(chunk.rows) - inserted
         return IngestCounts(added, known)
 
     def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:

@@ -58,7 +58,7 @@ from .ledger import (
     RowUpdate,
     claim_condition,
 )
-from .source import SourceRow
+from .source import SourceRow, ingest_columns
 from .transports.base import redact_url
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class PostgresLedger(Ledger):
     def ingest(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
         added = known = 0
         now = time.time()
-        for chunk in chunks:
+        for chunk in map(ingest_columns, chunks):
             with self._db.transaction(), self._db.cursor() as cursor:
                 # COPY into a scratch table, then one INSERT … ON CONFLICT: far fewer round
                 # trips than a row per statement on a million-row CSV.
@@ -277,18 +277,8 @@ class PostgresLedger(Ledger):
                     " ON COMMIT DELETE ROWS"
                 )
                 with cursor.copy("COPY mergekit_staging FROM STDIN") as copy:
-                    for r in chunk:
-                        copy.write_row(
-                            (
-                                r.row,
-                                r.key,
-                                r.occurrence,
-                                r.email,
-                                json.dumps(r.data, ensure_ascii=False),
-                                r.state,
-                                r.reason,
-                            )
-                        )
+                    for row in zip(*chunk, strict=True):  # IngestColumns: the staging columns, in order
+                        copy.write_row(row)
                 cursor.execute(
                     "INSERT INTO mergekit_recipients (campaign_id, row, key, occurrence, email, data,"
                     " state, last_text, updated_at) SELECT %s, row, key, occurrence, email, data, state,"
@@ -298,7 +288,7 @@ class PostgresLedger(Ledger):
                 )
                 inserted = max(cursor.rowcount, 0)
             added += inserted
-            known += len(chunk) - inserted
+            known += len(chunk.rows) - inserted
         return IngestCounts(added, known)
 
     def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
