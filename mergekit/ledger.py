@@ -519,7 +519,9 @@ class SqliteLedger(Ledger):
     def record(self, campaign: Campaign, updates: Sequence[RowUpdate]) -> None:
         # One statement over a JSON array rather than executemany: one step, so the ledger
         # thread takes the GIL back once per round instead of once per row (see claim).
-        table = _encode_data(
+        # ensure_ascii=False: SQLite would store an escaped lone surrogate (a reply's
+        # undecodable byte) as invalid UTF-8; here it becomes "?" instead.
+        table = json.dumps(
             [
                 [
                     u.id,
@@ -533,8 +535,9 @@ class SqliteLedger(Ledger):
                     int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
                 ]
                 for u in updates
-            ]
-        )
+            ],
+            ensure_ascii=False,
+        ).encode("utf-8", "replace").decode("utf-8")
         with self._transaction():
             self._db.execute(
                 "UPDATE recipients SET state = u.value ->> 1, attempts = attempts + (u.value ->> 2),"

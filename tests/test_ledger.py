@@ -75,6 +75,18 @@ def test_record_writes_outcomes_and_attempts(ledger: Ledger) -> None:
     assert [r.row for r in ledger.rows(campaign, ["failed", "deferred"])] == [2, 3]
 
 
+def test_record_keeps_any_reply_text_readable(tmp_path: Path) -> None:
+    """Non-ASCII survives; a byte no codec could decode (a lone surrogate) becomes "?",
+    never invalid UTF-8 that every later read of the row would fail on."""
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    campaign = open_campaign(ledger)
+    ledger.ingest(campaign, [rows(1)])
+    (claimed,) = ledger.claim(campaign, 1, states=["pending"], due_before=None)
+    ledger.record(campaign, [RowUpdate(claimed.id, "failed", code=550, text="Ünbekannt \udc80 😀")])
+    assert [r.last_text for r in ledger.rows(campaign)] == ["Ünbekannt ? 😀"]
+    ledger.close()
+
+
 def test_deferred_rows_are_claimed_only_when_due(ledger: Ledger) -> None:
     campaign = open_campaign(ledger)
     ledger.ingest(campaign, [rows(2)])
