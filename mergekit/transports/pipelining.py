@@ -113,16 +113,22 @@ class ReplyReader(asyncio.Protocol):
         not one per reply); never raises: the reads that follow say what was lost."""
         if len(self._replies) >= count or self._gone is not None:
             return
+        loop = asyncio.get_running_loop()
         self._wanted = count
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = loop.create_future()
+        # A timer handle rather than asyncio.wait_for: this runs once per message, and
+        # wait_for wraps every wait in a task and callbacks of its own.
+        timer = loop.call_later(timeout, self._time_out, timeout)
         try:
-            await asyncio.wait_for(self._waiter, timeout)
-        except TimeoutError:
-            self._fail(f"no reply within {timeout:g} s")
-            self.transport.close()
+            await self._waiter
         finally:
+            timer.cancel()
             self._waiter = None
             self._wanted = 1
+
+    def _time_out(self, timeout: float) -> None:
+        self._fail(f"no reply within {timeout:g} s")
+        self.transport.close()
 
     async def read(self, timeout: float) -> Reply:
         """The next reply, in order; raise :class:`Gone` if none can come."""
@@ -176,7 +182,9 @@ def commands(message: Message) -> bytes:
 def content(message: Message) -> bytes:
     """The message, dot-stuffed (RFC 5321 4.5.2), ending in CRLF and the end-of-data dot."""
     raw = message.raw if message.raw.endswith(b"\r\n") else message.raw + b"\r\n"
-    return _DOT_LINE.sub(b"..", raw) + b".\r\n"
+    if raw.startswith(b".") or b"\n." in raw:  # most messages have no line to stuff
+        raw = _DOT_LINE.sub(b"..", raw)
+    return raw + b".\r\n"
 
 
 def classify(code: int, text: str) -> Outcome:
