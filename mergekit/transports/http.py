@@ -410,19 +410,27 @@ class Recipients:
 
 
 def recipients(message: Message) -> Recipients:
-    """From, To, Cc, Reply-To from the rendered headers; Bcc is the envelope's remainder."""
+    """From, To, Cc, Reply-To from the rendered headers; Bcc is the envelope's remainder.
 
-    pairs = message.addresses_in
-    to, cc = pairs("to"), pairs("cc")
+    One pass over the parsed address headers: this runs once per message of
+    every HTTP batch.
+    """
+    found: dict[str, list[tuple[str, str]]] = {"from": [], "to": [], "cc": [], "reply-to": []}
+    for name, pairs in message.addresses:
+        if name in found:
+            found[name].extend(pairs)
+    to, cc = found["to"], found["cc"]
     shown = {_comparable(address) for _, address in to + cc}
     bcc = [("", address) for address in message.envelope_to if _comparable(address) not in shown]
-    senders = pairs("from")
+    senders = found["from"]
     sender = senders[0] if senders else ("", message.envelope_from)
-    return Recipients(sender, to, cc, bcc, pairs("reply-to"))
+    return Recipients(sender, to, cc, bcc, found["reply-to"])
 
 
 def _comparable(address: str) -> str:
     """An address as the envelope holds it (IDNA domain, lower case), for comparison only."""
+    if address.isascii():  # what the renderer's addresses are: IDNA would change nothing but case
+        return address.lower()
     local, _, domain = address.rpartition("@")
     with contextlib.suppress(UnicodeError):
         domain = domain.encode("idna").decode("ascii")

@@ -233,6 +233,26 @@ def test_api_recipients_come_from_the_render_not_a_second_parse() -> None:
     assert people.bcc == [] and people.sender == ("News", "news@example.com")
 
 
+def test_api_recipients_split_to_cc_bcc_and_reply_to() -> None:
+    """Bcc is what the envelope holds beyond To and Cc, compared without regard to case."""
+    from mergekit.render import Template, TemplateSource
+    from mergekit.transports.http import recipients
+
+    template = Template(
+        TemplateSource.parse(
+            "From: News <news@example.com>\nTo: {{ name }} <{{ email }}>\nCc: Boss <Boss@Example.org>\n"
+            "Bcc: archive@example.net, boss@example.org\nReply-To: help@example.com\nSubject: s\n\nx\n"
+        ),
+        campaign="c",
+    )
+    message = template.render({"name": "Jo", "email": "jo@example.org"}, row=1, key="k")
+    people = recipients(message)
+    assert people.to == [("Jo", "jo@example.org")]
+    assert people.cc == [("Boss", "Boss@example.org")]  # the renderer lowers the domain only
+    assert people.bcc == [("", "archive@example.net")]
+    assert people.reply_to == [("", "help@example.com")]
+
+
 def test_429_without_retry_after_is_retried_after_backoff(
     api: FakeApi, keys_in_env: None, tmp_path: Path
 ) -> None:
