@@ -44,7 +44,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -66,8 +66,26 @@ ERROR_TEXT_LIMIT = 300  # characters of a provider's error body kept in an outco
 # Refusals of a shared request that say nothing about its messages (auth, endpoint, rate):
 # resending them one by one would only repeat the refusal.
 NO_FALLBACK = frozenset({401, 403, 404, 429})
+JSON_CONTENT_TYPE = {"Content-Type": "application/json"}  # the header of a JSON body sent as content=
 # Headers the providers take as fields of their own, never as custom headers.
 ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "subject"})
+
+
+def _stdlib_json_bytes(value: Any) -> bytes:
+    """What httpx's ``json=`` sends: compact UTF-8 JSON, NaN refused."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+# JSON in and out of every HTTP provider: orjson when installed (``pip install
+# 'mergekit[fast]'``), several times faster than the stdlib on a 500-message batch
+# body (issue 6, the HTTP path); the stdlib otherwise. Both write compact UTF-8
+# JSON and raise a ValueError subclass on a body that is not JSON.
+json_bytes: Callable[[Any], bytes] = _stdlib_json_bytes
+json_loads: Callable[[bytes], Any] = json.loads
+with contextlib.suppress(ImportError):
+    import orjson
+
+    json_bytes, json_loads = orjson.dumps, orjson.loads
 
 try:
     USER_AGENT = f"mergekit/{version('mergekit')} httpx/{httpx.__version__}"
@@ -80,7 +98,8 @@ class ApiRequest:
     """One HTTP request carrying the batch's messages at ``indexes``.
 
     Exactly one of ``json``, ``data``/``files`` (form) or ``content`` is the
-    body. ``context`` is the provider's own note for its parser.
+    body; ``json`` goes out through :func:`json_bytes`. ``context`` is the
+    provider's own note for its parser.
     """
 
     indexes: list[int]
@@ -249,15 +268,17 @@ class HttpTransport(Transport):
             if wait > 0:
                 await asyncio.sleep(wait)
             self.requests_made += 1
+            content, headers = request.content, request.headers
+            if request.json is not None:
+                content, headers = json_bytes(request.json), {**headers, **JSON_CONTENT_TYPE}
             try:
                 async with self._client.stream(
                     request.method,
                     request.path,
-                    json=request.json,
                     data=_form(request.data),
                     files=request.files,
-                    content=request.content,
-                    headers=request.headers,
+                    content=content,
+                    headers=headers,
                 ) as response:
                     try:
                         await response.aread()
@@ -392,7 +413,7 @@ def error_detail(response: httpx.Response) -> str:
 
 def json_body(response: httpx.Response) -> Any:
     """The reply's JSON; ValueError (so the messages become ``unknown``) if it is not JSON."""
-    return json.loads(response.content)
+    return json_loads(response.content)
 
 
 # -- helpers the provider files share ----------------------------------------

@@ -7,8 +7,8 @@ Reference: https://postmarkapp.com/developer/user-guide/send-email-with-api/batc
 and https://postmarkapp.com/developer/api/email-api (fields), .../api/overview (error codes).
 
 - "the batch endpoint accepts up to 500 messages per API call, and up to 50 MB
-  payload size, including attachments": ``max_batch`` is 500; a batch larger
-  than 50 MB is split into several requests.
+  payload size, including attachments": ``max_batch`` is 500; a batch whose
+  JSON is larger than 50 MB is split into several requests.
 - The body is a JSON array of messages; auth is ``X-Postmark-Server-Token``.
 - "the /batch endpoint will return a 200-level http status, even when
   validation for individual messages may fail [...] the results are ordered the
@@ -29,7 +29,16 @@ from typing import Any, ClassVar
 import httpx
 
 from .base import Message, Outcome, TransportURL
-from .http import ApiRequest, HttpTransport, custom_headers, format_address, json_body, recipients
+from .http import (
+    JSON_CONTENT_TYPE,
+    ApiRequest,
+    HttpTransport,
+    custom_headers,
+    format_address,
+    json_body,
+    json_bytes,
+    recipients,
+)
 
 MAX_REQUEST_BYTES = 50 * 1024 * 1024  # "up to 50 MB payload size, including attachments"
 RATE_LIMITED = 429  # Postmark's per-message ErrorCode for "Rate limit exceeded"
@@ -83,24 +92,26 @@ class PostmarkTransport(HttpTransport):
         return data
 
     def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:
+        """The batch as JSON arrays of at most 50 MB, each entry encoded as soon as it is built.
+
+        An entry's bytes are the exact size the cap counts, and its dict dies at
+        once instead of living through the request: 500 fewer objects per batch
+        for the garbage collector to promote and scan (issue 6, the HTTP path).
+        """
         requests: list[ApiRequest] = []
-        entries: list[dict[str, Any]] = []
+        entries: list[bytes] = []
         indexes: list[int] = []
-        size = 0
+        size = 2  # the array's brackets
         for index, message in enumerate(messages):
-            entry = self.payload(message)
-            # A rough size: attachments dominate, and base64 is what is counted.
-            entry_size = len(message.raw) + sum(
-                len(e.get("Content", "")) for e in entry.get("Attachments", [])
-            )
-            if entries and size + entry_size > MAX_REQUEST_BYTES:
-                requests.append(ApiRequest(indexes, "/email/batch", json=entries))
-                entries, indexes, size = [], [], 0
+            entry = json_bytes(self.payload(message))
+            if entries and size + len(entry) > MAX_REQUEST_BYTES:
+                requests.append(_batch_request(indexes, entries))
+                entries, indexes, size = [], [], 2
             entries.append(entry)
             indexes.append(index)
-            size += entry_size
+            size += len(entry) + 1  # and its comma
         if entries:
-            requests.append(ApiRequest(indexes, "/email/batch", json=entries))
+            requests.append(_batch_request(indexes, entries))
         return requests
 
     def parse_response(
@@ -120,3 +131,9 @@ class PostmarkTransport(HttpTransport):
             else:
                 outcomes.append(Outcome.permanent(code, f"postmark: ErrorCode {code}: {text}"))
         return outcomes
+
+
+def _batch_request(indexes: list[int], entries: list[bytes]) -> ApiRequest:
+    """One ``POST /email/batch`` whose body is the JSON array of ``entries``, already encoded."""
+    body = b"[" + b",".join(entries) + b"]"
+    return ApiRequest(indexes, "/email/batch", content=body, headers=dict(JSON_CONTENT_TYPE))

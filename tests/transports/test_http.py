@@ -253,6 +253,43 @@ def test_api_recipients_split_to_cc_bcc_and_reply_to() -> None:
     assert people.reply_to == [("", "help@example.com")]
 
 
+@pytest.mark.parametrize("codec", ["stdlib", "orjson"])
+@pytest.mark.parametrize("provider", ["postmark", "resend", "mailjet"])
+def test_each_json_codec_sends_what_was_rendered(
+    codec: str,
+    provider: str,
+    api: FakeApi,
+    keys_in_env: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """orjson (the fast extra) and the stdlib fallback write the same requests and read the same replies."""
+    from mergekit.transports import http, postmark
+
+    if codec == "orjson":
+        orjson = pytest.importorskip("orjson")
+        dumps, loads = orjson.dumps, orjson.loads
+    else:
+        dumps, loads = http._stdlib_json_bytes, json.loads
+    monkeypatch.setattr(http, "json_bytes", dumps)
+    monkeypatch.setattr(http, "json_loads", loads)
+    monkeypatch.setattr(postmark, "json_bytes", dumps)
+    campaign = make_campaign(tmp_path, 120, bad=2)
+    api.bad.update(campaign.bad)
+    report = mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for(provider, api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert (report.run.counts["sent"], report.run.counts["failed"]) == (118, 2)
+    delivered = {d.to[0].rpartition("<")[2].rstrip(">"): d for d in api.deliveries}
+    for address, (subject, text) in campaign.expected().items():
+        if address not in campaign.bad:
+            assert (delivered[address].subject, delivered[address].text) == (subject, text)
+
+
 def test_429_without_retry_after_is_retried_after_backoff(
     api: FakeApi, keys_in_env: None, tmp_path: Path
 ) -> None:
