@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -419,8 +419,7 @@ def json_body(response: httpx.Response) -> Any:
 # -- helpers the provider files share ----------------------------------------
 
 
-@dataclass(frozen=True)
-class Recipients:
+class Recipients(NamedTuple):
     """A message's addressees split as the APIs want them: (display name, address) pairs."""
 
     sender: tuple[str, str]
@@ -464,6 +463,11 @@ def format_address(name: str, address: str) -> str:
         return address
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}" <{address}>'
+
+
+def format_addresses(pairs: list[tuple[str, str]]) -> str:
+    """An address list as one string, ``"Name" <address>, …``, for APIs that take it so."""
+    return ", ".join([format_address(name, address) for name, address in pairs])
 
 
 def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:

@@ -35,6 +35,7 @@ from .http import (
     HttpTransport,
     custom_headers,
     format_address,
+    format_addresses,
     json_body,
     json_bytes,
     recipients,
@@ -64,15 +65,15 @@ class PostmarkTransport(HttpTransport):
         people = recipients(message)
         data: dict[str, Any] = {
             "From": format_address(*people.sender),
-            "To": ", ".join(format_address(*p) for p in people.to),
+            "To": format_addresses(people.to),
             "Subject": message.header("Subject"),
         }
         if people.cc:
-            data["Cc"] = ", ".join(format_address(*p) for p in people.cc)
+            data["Cc"] = format_addresses(people.cc)
         if people.bcc:
-            data["Bcc"] = ", ".join(format_address(*p) for p in people.bcc)
+            data["Bcc"] = format_addresses(people.bcc)
         if people.reply_to:
-            data["ReplyTo"] = ", ".join(format_address(*p) for p in people.reply_to)
+            data["ReplyTo"] = format_addresses(people.reply_to)
         if message.text is not None:
             data["TextBody"] = message.text
         if message.html is not None:
@@ -123,10 +124,11 @@ class PostmarkTransport(HttpTransport):
         outcomes = []
         for result in results:
             code = int(result["ErrorCode"])
-            text = str(result.get("Message", ""))
             if code == 0:
                 outcomes.append(Outcome.sent(str(result["MessageID"])))
-            elif code == RATE_LIMITED:
+                continue
+            text = str(result.get("Message", ""))
+            if code == RATE_LIMITED:
                 outcomes.append(Outcome.transient(429, f"postmark: {text}"))
             else:
                 outcomes.append(Outcome.permanent(code, f"postmark: ErrorCode {code}: {text}"))
