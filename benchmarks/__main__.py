@@ -12,7 +12,7 @@
 4. A million-row CSV: ``pandas.read_csv`` alone, mergekit's ingest, and
    ``mergekit send --dry-run``; time and peak RSS, each in its own process.
 5. The HTTP path: render + ``postmark://`` into a local stand-in API against
-   rendering alone (:func:`http_path`).
+   rendering alone, and the same batches through ``null://`` (:func:`http_path`).
 
 Every figure comes with its reference from the same run (the machine is shared,
 so absolute numbers drift; ratios much less). ``--quick`` runs small sizes to
@@ -348,7 +348,10 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
 
     Both loops render the same rows with the same template; the second also sends
     them through ``PostmarkTransport`` in batches of 500, ``concurrency`` requests
-    in flight. The ratio is what the HTTP transport costs over the render.
+    in flight. The ratio is what the HTTP transport costs over the render. A third
+    loop, the same batches through ``null://``, is the floor the HTTP loop cannot
+    pass: what rendering in batches and keeping ``concurrency`` of them alive
+    costs before any HTTP (allocation, the collector, the event loop).
 
     The stand-in is ``benchmarks/postmark_sink.py`` (uvicorn + starlette, its own
     process): it parses each request, checks the token, the limit and the fields,
@@ -367,6 +370,7 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
     from mergekit.campaign import _loop_factory, frozen_heap
     from mergekit.render import Template
     from mergekit.transports import Status, transport_from_url
+    from mergekit.transports.postmark import PostmarkTransport
     from tests.transports.fakeapi import KEYS
 
     template = Template.from_path(rendering.TEMPLATE, campaign="bench")
@@ -375,15 +379,13 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
         [sys.executable, "-m", "benchmarks.postmark_sink"], stdout=subprocess.PIPE, text=True
     )
     assert sink.stdout is not None
-    base = f"http://127.0.0.1:{sink.stdout.readline().strip()}"
+    postmark = f"postmark://:{KEYS['postmark']}@?base_url=http://127.0.0.1:{sink.stdout.readline().strip()}"
 
-    async def render_and_send() -> tuple[float, float, float]:
-        """Seconds of wall time, client CPU and stand-in CPU for one run."""
-        transport = transport_from_url(
-            f"postmark://:{KEYS['postmark']}@?base_url={base}", concurrency=concurrency
-        )
+    async def render_and_send(url: str) -> tuple[float, float, float]:
+        """Seconds of wall time, client CPU and stand-in CPU for one run through ``url``."""
+        transport = transport_from_url(url, concurrency=concurrency)
         limit = asyncio.Semaphore(concurrency)
-        batch = transport.max_batch
+        batch = PostmarkTransport.max_batch
 
         async def one(start: int) -> int:
             async with limit:
@@ -405,16 +407,24 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
     try:
         with frozen_heap():
             render_rate = rendering.rate(rendering.build_mergekit, template, data, repeats)
-            runs = []
+            runs: dict[str, list[tuple[float, float, float]]] = {"null://": [], postmark: []}
             for _ in range(repeats):
-                with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                    runs.append(runner.run(render_and_send()))
-        elapsed, cpu, sink_cpu = min(runs)
+                for url, found in runs.items():
+                    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                        found.append(runner.run(render_and_send(url)))
+        null_elapsed, null_cpu, _ = min(runs["null://"])
+        elapsed, cpu, sink_cpu = min(runs[postmark])
     finally:
         sink.terminate()
         sink.wait()
-    http_rate = rows / elapsed
+    http_rate, null_rate = rows / elapsed, rows / null_elapsed
     results.add("HTTP", "render alone (sample template)", f"{render_rate:,.0f} rows/s", "reference")
+    results.add(
+        "HTTP",
+        f"render + null:// in the same batches ({concurrency} in flight): the floor",
+        f"{null_rate:,.0f} msg/s",
+        f"{null_rate / render_rate:.2f}x render alone",
+    )
     results.add(
         "HTTP",
         f"render + postmark:// into a local stand-in ({concurrency} requests in flight)",
@@ -423,7 +433,8 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
     )
     results.notes.append(
         f"HTTP path, best of {repeats} runs: {elapsed:.2f} s wall, client {cpu:.2f} s CPU "
-        f"({cpu / elapsed:.0%}), stand-in {sink_cpu:.2f} s CPU ({sink_cpu / elapsed:.0%})."
+        f"({cpu / elapsed:.0%}), stand-in {sink_cpu:.2f} s CPU ({sink_cpu / elapsed:.0%}); "
+        f"null:// floor {null_elapsed:.2f} s wall, {null_cpu:.2f} s CPU."
     )
 
 
