@@ -440,8 +440,12 @@ def recipients(message: Message) -> Recipients:
         if name in found:
             found[name].extend(pairs)
     to, cc = found["to"], found["cc"]
-    shown = {_comparable(address) for _, address in to + cc}
-    bcc = [("", address) for address in message.envelope_to if _comparable(address) not in shown]
+    shown = [address for _, address in to + cc]
+    if message.envelope_to == tuple(shown):  # the common case: no Bcc, no duplicate
+        bcc: list[tuple[str, str]] = []
+    else:
+        comparable = {_comparable(address) for address in shown}
+        bcc = [("", address) for address in message.envelope_to if _comparable(address) not in comparable]
     senders = found["from"]
     sender = senders[0] if senders else ("", message.envelope_from)
     return Recipients(sender, to, cc, bcc, found["reply-to"])
