@@ -367,8 +367,9 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
     out of the garbage collector's passes), the HTTP loop on its event loop
     (uvloop when installed).
     """
-    from mergekit.campaign import _loop_factory, frozen_heap
+    from mergekit.campaign import frozen_heap
     from mergekit.render import Template
+    from mergekit.senders import loop_factory
     from mergekit.transports import Status, transport_from_url
     from mergekit.transports.postmark import PostmarkTransport
     from tests.transports.fakeapi import KEYS
@@ -410,7 +411,7 @@ def http_path(results: Results, rows: int, concurrency: int = 16, repeats: int =
             runs: dict[str, list[tuple[float, float, float]]] = {"null://": [], postmark: []}
             for _ in range(repeats):
                 for url, found in runs.items():
-                    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                    with asyncio.Runner(loop_factory=loop_factory()) as runner:
                         found.append(runner.run(render_and_send(url)))
         null_elapsed, null_cpu, _ = min(runs["null://"])
         elapsed, cpu, sink_cpu = min(runs[postmark])
