@@ -366,10 +366,10 @@ def work(
     if url is not None:
         transport_from_url(url)  # a bad URL is refused before joining
     ledger = _open_existing(ledger_path)
-    work = _work(ledger, campaign, url, options, follow=follow, poll=poll_interval, on_progress=on_progress)
+    joined = _work(ledger, campaign, url, options, follow=follow, poll=poll_interval, on_progress=on_progress)
     try:
         with frozen_heap():
-            return asyncio.run(work)
+            return asyncio.run(joined)
     finally:
         ledger.close()
 
