@@ -182,3 +182,22 @@ def test_an_early_throttle_pauses_without_setting_a_rate(monkeypatch: pytest.Mon
     limiter.accepted(300)
     limiter.throttle(None, "429 Rate limit exceeded")
     assert limiter.per_second == pytest.approx(0.8 * 302 / 3.2)
+
+
+def test_a_run_freezes_the_heap_it_starts_with_and_unfreezes_it(tmp_path: Path) -> None:
+    """Startup objects stay out of the collector's passes during a run (issue 6), and only then."""
+    import gc
+
+    recipients, template = write_campaign(tmp_path, 5)
+    frozen_during: list[int] = []
+    before = gc.get_freeze_count()
+    result = send(
+        recipients,
+        template,
+        transport="null://",
+        ledger_path=str(tmp_path / "l.db"),
+        on_progress=lambda counts: frozen_during.append(gc.get_freeze_count()),
+    )
+    assert result.run.counts["sent"] == 5
+    assert frozen_during and min(frozen_during) > before
+    assert gc.get_freeze_count() == before

@@ -92,11 +92,6 @@ class Message:
     # parsing a header again (a display name from the data may hold "@" or ",").
     addresses: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(default=())
 
-    def addresses_in(self, name: str) -> list[tuple[str, str]]:
-        """The (display name, address) pairs of address header ``name`` (e.g. ``"to"``)."""
-        wanted = name.lower()
-        return [pair for key, pairs in self.addresses if key == wanted for pair in pairs]
-
     def header(self, name: str, default: str = "") -> str:
         """The first header called ``name`` (case-insensitive), decoded."""
         wanted = name.lower()

@@ -38,7 +38,16 @@ import httpx
 from ..errors import ConfigError
 from ..substitution import SubstitutionPlan, group_messages
 from .base import Message, Outcome, TransportURL
-from .http import ApiRequest, HttpTransport, custom_headers, format_address, json_body, recipients, url_host
+from .http import (
+    ApiRequest,
+    HttpTransport,
+    custom_headers,
+    format_address,
+    format_addresses,
+    json_body,
+    recipients,
+    url_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +100,7 @@ class MailgunTransport(HttpTransport):
         fields += [("cc", format_address(*p)) for p in people.cc]
         fields += [("bcc", address) for _, address in people.bcc]
         if people.reply_to:
-            fields.append(("h:Reply-To", ", ".join(format_address(*p) for p in people.reply_to)))
+            fields.append(("h:Reply-To", format_addresses(people.reply_to)))
         if self.testmode:
             fields.append(("o:testmode", "yes"))
         return fields

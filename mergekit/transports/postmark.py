@@ -7,8 +7,8 @@ Reference: https://postmarkapp.com/developer/user-guide/send-email-with-api/batc
 and https://postmarkapp.com/developer/api/email-api (fields), .../api/overview (error codes).
 
 - "the batch endpoint accepts up to 500 messages per API call, and up to 50 MB
-  payload size, including attachments": ``max_batch`` is 500; a batch larger
-  than 50 MB is split into several requests.
+  payload size, including attachments": ``max_batch`` is 500; a batch whose
+  JSON is larger than 50 MB is split into several requests.
 - The body is a JSON array of messages; auth is ``X-Postmark-Server-Token``.
 - "the /batch endpoint will return a 200-level http status, even when
   validation for individual messages may fail [...] the results are ordered the
@@ -29,7 +29,17 @@ from typing import Any, ClassVar
 import httpx
 
 from .base import Message, Outcome, TransportURL
-from .http import ApiRequest, HttpTransport, custom_headers, format_address, json_body, recipients
+from .http import (
+    JSON_CONTENT_TYPE,
+    ApiRequest,
+    HttpTransport,
+    custom_headers,
+    format_address,
+    format_addresses,
+    json_body,
+    json_bytes,
+    recipients,
+)
 
 MAX_REQUEST_BYTES = 50 * 1024 * 1024  # "up to 50 MB payload size, including attachments"
 RATE_LIMITED = 429  # Postmark's per-message ErrorCode for "Rate limit exceeded"
@@ -55,15 +65,15 @@ class PostmarkTransport(HttpTransport):
         people = recipients(message)
         data: dict[str, Any] = {
             "From": format_address(*people.sender),
-            "To": ", ".join(format_address(*p) for p in people.to),
+            "To": format_addresses(people.to),
             "Subject": message.header("Subject"),
         }
         if people.cc:
-            data["Cc"] = ", ".join(format_address(*p) for p in people.cc)
+            data["Cc"] = format_addresses(people.cc)
         if people.bcc:
-            data["Bcc"] = ", ".join(format_address(*p) for p in people.bcc)
+            data["Bcc"] = format_addresses(people.bcc)
         if people.reply_to:
-            data["ReplyTo"] = ", ".join(format_address(*p) for p in people.reply_to)
+            data["ReplyTo"] = format_addresses(people.reply_to)
         if message.text is not None:
             data["TextBody"] = message.text
         if message.html is not None:
@@ -83,24 +93,26 @@ class PostmarkTransport(HttpTransport):
         return data
 
     def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:
+        """The batch as JSON arrays of at most 50 MB, each entry encoded as soon as it is built.
+
+        An entry's bytes are the exact size the cap counts, and its dict dies at
+        once instead of living through the request: 500 fewer objects per batch
+        for the garbage collector to promote and scan (issue 6, the HTTP path).
+        """
         requests: list[ApiRequest] = []
-        entries: list[dict[str, Any]] = []
+        entries: list[bytes] = []
         indexes: list[int] = []
-        size = 0
+        size = 2  # the array's brackets
         for index, message in enumerate(messages):
-            entry = self.payload(message)
-            # A rough size: attachments dominate, and base64 is what is counted.
-            entry_size = len(message.raw) + sum(
-                len(e.get("Content", "")) for e in entry.get("Attachments", [])
-            )
-            if entries and size + entry_size > MAX_REQUEST_BYTES:
-                requests.append(ApiRequest(indexes, "/email/batch", json=entries))
-                entries, indexes, size = [], [], 0
+            entry = json_bytes(self.payload(message))
+            if entries and size + len(entry) > MAX_REQUEST_BYTES:
+                requests.append(_batch_request(indexes, entries))
+                entries, indexes, size = [], [], 2
             entries.append(entry)
             indexes.append(index)
-            size += entry_size
+            size += len(entry) + 1  # and its comma
         if entries:
-            requests.append(ApiRequest(indexes, "/email/batch", json=entries))
+            requests.append(_batch_request(indexes, entries))
         return requests
 
     def parse_response(
@@ -112,11 +124,18 @@ class PostmarkTransport(HttpTransport):
         outcomes = []
         for result in results:
             code = int(result["ErrorCode"])
-            text = str(result.get("Message", ""))
             if code == 0:
                 outcomes.append(Outcome.sent(str(result["MessageID"])))
-            elif code == RATE_LIMITED:
+                continue
+            text = str(result.get("Message", ""))
+            if code == RATE_LIMITED:
                 outcomes.append(Outcome.transient(429, f"postmark: {text}"))
             else:
                 outcomes.append(Outcome.permanent(code, f"postmark: ErrorCode {code}: {text}"))
         return outcomes
+
+
+def _batch_request(indexes: list[int], entries: list[bytes]) -> ApiRequest:
+    """One ``POST /email/batch`` whose body is the JSON array of ``entries``, already encoded."""
+    body = b"[" + b",".join(entries) + b"]"
+    return ApiRequest(indexes, "/email/batch", content=body, headers=dict(JSON_CONTENT_TYPE))

@@ -233,6 +233,63 @@ def test_api_recipients_come_from_the_render_not_a_second_parse() -> None:
     assert people.bcc == [] and people.sender == ("News", "news@example.com")
 
 
+def test_api_recipients_split_to_cc_bcc_and_reply_to() -> None:
+    """Bcc is what the envelope holds beyond To and Cc, compared without regard to case."""
+    from mergekit.render import Template, TemplateSource
+    from mergekit.transports.http import recipients
+
+    template = Template(
+        TemplateSource.parse(
+            "From: News <news@example.com>\nTo: {{ name }} <{{ email }}>\nCc: Boss <Boss@Example.org>\n"
+            "Bcc: archive@example.net, boss@example.org\nReply-To: help@example.com\nSubject: s\n\nx\n"
+        ),
+        campaign="c",
+    )
+    message = template.render({"name": "Jo", "email": "jo@example.org"}, row=1, key="k")
+    people = recipients(message)
+    assert people.to == [("Jo", "jo@example.org")]
+    assert people.cc == [("Boss", "Boss@example.org")]  # the renderer lowers the domain only
+    assert people.bcc == [("", "archive@example.net")]
+    assert people.reply_to == [("", "help@example.com")]
+
+
+@pytest.mark.parametrize("codec", ["stdlib", "orjson"])
+@pytest.mark.parametrize("provider", ["postmark", "resend", "mailjet"])
+def test_each_json_codec_sends_what_was_rendered(
+    codec: str,
+    provider: str,
+    api: FakeApi,
+    keys_in_env: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """orjson (the fast extra) and the stdlib fallback write the same requests and read the same replies."""
+    from mergekit.transports import http, postmark
+
+    if codec == "orjson":
+        orjson = pytest.importorskip("orjson")
+        dumps, loads = orjson.dumps, orjson.loads
+    else:
+        dumps, loads = http._stdlib_json_bytes, json.loads
+    monkeypatch.setattr(http, "json_bytes", dumps)
+    monkeypatch.setattr(http, "json_loads", loads)
+    monkeypatch.setattr(postmark, "json_bytes", dumps)
+    campaign = make_campaign(tmp_path, 120, bad=2)
+    api.bad.update(campaign.bad)
+    report = mergekit.send(
+        campaign.csv,
+        campaign.template,
+        transport=url_for(provider, api),
+        ledger_path=str(campaign.ledger),
+        options=FAST,
+    )
+    assert (report.run.counts["sent"], report.run.counts["failed"]) == (118, 2)
+    delivered = {d.to[0].rpartition("<")[2].rstrip(">"): d for d in api.deliveries}
+    for address, (subject, text) in campaign.expected().items():
+        if address not in campaign.bad:
+            assert (delivered[address].subject, delivered[address].text) == (subject, text)
+
+
 def test_429_without_retry_after_is_retried_after_backoff(
     api: FakeApi, keys_in_env: None, tmp_path: Path
 ) -> None:
