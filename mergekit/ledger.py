@@ -521,23 +521,27 @@ class SqliteLedger(Ledger):
         # thread takes the GIL back once per round instead of once per row (see claim).
         # ensure_ascii=False: SQLite would store an escaped lone surrogate (a reply's
         # undecodable byte) as invalid UTF-8; here it becomes "?" instead.
-        table = json.dumps(
-            [
+        table = (
+            json.dumps(
                 [
-                    u.id,
-                    u.state,
-                    int(u.attempted),
-                    u.code,
-                    u.text,
-                    u.provider_id,
-                    u.message_id,
-                    u.next_attempt_at,
-                    int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
-                ]
-                for u in updates
-            ],
-            ensure_ascii=False,
-        ).encode("utf-8", "replace").decode("utf-8")
+                    [
+                        u.id,
+                        u.state,
+                        int(u.attempted),
+                        u.code,
+                        u.text,
+                        u.provider_id,
+                        u.message_id,
+                        u.next_attempt_at,
+                        int(u.state == "unknown"),  # every unknown episode counts, crash or lost reply
+                    ]
+                    for u in updates
+                ],
+                ensure_ascii=False,
+            )
+            .encode("utf-8", "replace")
+            .decode("utf-8")
+        )
         with self._transaction():
             self._db.execute(
                 "UPDATE recipients SET state = u.value ->> 1, attempts = attempts + (u.value ->> 2),"
