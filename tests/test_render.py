@@ -110,6 +110,15 @@ def test_bad_address_header_names_the_header() -> None:
     assert caught.value.header == "To"
 
 
+def test_a_bad_address_repeated_names_each_row() -> None:
+    """Address headers are cached by value; a refusal is not, so every row gets its own error."""
+    template = Template(TemplateSource.parse(BASIC), campaign="test")
+    for row in (1, 2):
+        with pytest.raises(RenderError) as caught:
+            template.render({"name": "Bob", "email": "not an address", "zip": "1"}, row=row, key=f"k{row}")
+        assert (caught.value.row, caught.value.key, caught.value.header) == (row, f"k{row}", "To")
+
+
 def test_missing_from_or_recipient_is_refused() -> None:
     with pytest.raises(RenderError, match="From"):
         render("To: b@example.org\nSubject: s\n\nx\n")
