@@ -50,6 +50,8 @@ _MARKER_TRANSLATION = str.maketrans(_HEADER_MARKERS)
 _MARKER_NAMES = {"\ue000": "CR", "\ue001": "LF", "\ue002": "NUL"}
 _MARKER = re.compile("[\ue000-\ue002]")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")  # C0 controls but TAB
+# Either of the above in a header block, whose lines end in LF (CR from a template is a control).
+_MARKER_OR_CONTROL = re.compile("[\ue000-\ue002\x00-\x08\x0b-\x1f]")
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 ftext: printable ASCII except ':'
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
@@ -415,6 +417,8 @@ def _parse_header_block(text: str, *, row: int, key: str) -> list[tuple[str, str
                 f"header line {line[:60]!r} is not 'Name: value'", row=row, key=key, header=name or None
             )
         headers.append((name, value.strip()))
+    if not _MARKER_OR_CONTROL.search(text):  # the common case: one scan instead of two per header
+        return headers
     for name, value in headers:
         marker = _MARKER.search(value)
         if marker is not None:
