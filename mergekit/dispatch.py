@@ -380,7 +380,8 @@ class Dispatcher:
         """How many workers claim and render at once: ``concurrency``, except in a dry run.
 
         A dry run sends nothing, so only rendering is left to overlap: one worker per
-        render process plus one for this process keeps every core busy. Each worker
+        render process plus one keeps every render process busy while a batch is
+        claimed or recorded (without render processes, this one renders). Each worker
         holds its batch and the next, rendered: at ``--concurrency 16`` with
         ``null://``'s 1,000-row batches a dry run held 32,000 rendered rows, over
         100 MB, and ran slower than with two workers (issue 6).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -36,12 +35,11 @@ from .errors import ConfigError
 from .ledger import Campaign, Ledger, SqliteLedger
 from .render import Template
 from .transports.base import Transport
-from .workers import MIN_ROWS_FOR_WORKERS, usable_cores
+from .workers import MIN_ROWS_FOR_WORKERS, die_with_parent, usable_cores
 
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = 4
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def sending_processes(ledger: Ledger, options: SendOptions, to_send: int) -> int:
@@ -106,10 +104,6 @@ class Senders:
             children[pid] = read
         return cls(children), _share(options, shares[0], count)
 
-    @property
-    def count(self) -> int:
-        return len(self._children) + 1
-
     def signal(self, sig: int) -> None:
         for pid in self._children:
             with contextlib.suppress(ProcessLookupError):
@@ -162,8 +156,7 @@ def _child(
     code = 0
     out = os.fdopen(write, "w", buffering=1, encoding="utf-8")
     try:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        die_with_parent()
         if os.getppid() == 1:  # the parent died before the line above took effect
             raise SystemExit("the parent process is gone")
         ledger = SqliteLedger(ledger_path)  # the parent's connection must not cross a fork

@@ -46,6 +46,12 @@ Rendered = Message | str  # the message, or why the row is invalid
 _template: Template | None = None  # the worker's compiled template
 
 
+def die_with_parent() -> None:
+    """Have Linux send this (forked) process SIGTERM when its parent dies; elsewhere, nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, where the OS tells)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -76,8 +82,7 @@ def _start_worker(template: Template) -> None:
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent()
     _template = template
 
 
@@ -149,4 +154,4 @@ class Renderer:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["Renderer", "default_processes", "render_rows"]
+__all__ = ["Renderer", "default_processes", "die_with_parent", "render_rows", "usable_cores"]
