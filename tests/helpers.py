@@ -108,12 +108,17 @@ def start_worker(
     )
 
 
+def wait_until_received(process: subprocess.Popen[Any], server: SmtpServer, count: int) -> None:
+    """Return once ``server`` holds ``count`` messages, or the process ended, or a minute passed."""
+    deadline = time.monotonic() + 60
+    while len(server.messages) < count and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def signal_when_received(
     process: subprocess.Popen[Any], server: SmtpServer, count: int, sig: signal.Signals
 ) -> None:
     """Send ``sig`` to ``process`` once ``server`` holds ``count`` messages (or the process ended,
     or a minute passed): a run interrupted mid-campaign, at a moment the test knows."""
-    deadline = time.monotonic() + 60
-    while len(server.messages) < count and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until_received(process, server, count)
     process.send_signal(sig)

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from mergekit.dispatch import Rate, SendOptions
 from mergekit.ledger import SqliteLedger
 from mergekit.senders import sending_processes
 from mergekit.workers import MIN_ROWS_FOR_WORKERS
-from tests.helpers import send_command, signal_when_received, write_campaign
+from tests.helpers import send_command, signal_when_received, wait_until_received, write_campaign
 from tests.smtpd import SmtpServer
 
 SHARED = ("--processes", "2", "--concurrency", "4", "--batch-size", "20")
@@ -67,14 +66,20 @@ def test_two_processes_send_every_row_once(tmp_path: Path) -> None:
         server.stop()
 
 
+def _start_shared_send(
+    folder: Path, server: SmtpServer, rows: int
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """A two-process ``mergekit send --json`` of ``rows`` rows under way, and its command."""
+    recipients, template = write_campaign(folder, rows)
+    args = send_command(recipients, template, server.url, *SHARED, "--json")
+    process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, args
+
+
 def test_sigterm_stops_every_process_and_the_next_run_finishes(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.002).start()
     try:
-        recipients, template = write_campaign(tmp_path, 1500)
-        args = send_command(recipients, template, server.url, *SHARED, "--json")
-        first = subprocess.Popen(
-            args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        first, args = _start_shared_send(tmp_path, server, 1500)
         signal_when_received(first, server, 200, signal.SIGTERM)
         out, err = first.communicate(timeout=120)
         assert first.returncode == 3, err  # stopped: resumable
@@ -93,14 +98,8 @@ def test_sigterm_stops_every_process_and_the_next_run_finishes(tmp_path: Path) -
 def test_a_killed_sending_process_loses_no_row(tmp_path: Path) -> None:
     server = SmtpServer(data_delay=0.002).start()
     try:
-        recipients, template = write_campaign(tmp_path, 1500)
-        args = send_command(recipients, template, server.url, *SHARED, "--json")
-        first = subprocess.Popen(
-            args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 60
-        while len(server.messages) < 200 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        first, args = _start_shared_send(tmp_path, server, 1500)
+        wait_until_received(first, server, 200)
         children = _children(first.pid)
         assert len(children) == 1, f"expected one forked sending process, found {children}"
         subprocess.run(["kill", "-KILL", str(children[0])], check=True)
