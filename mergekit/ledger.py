@@ -367,37 +367,40 @@ class SqliteLedger(Ledger):
         settings: dict[str, Any] | None = None,
     ) -> Campaign:
         now = time.time()
-        existing = self._campaign_where("name = ?", (name,))
-        if existing is None:
-            self._db.execute(
-                "INSERT INTO campaigns (name, template_path, template_source, template_fingerprint,"
-                " transport, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    name,
-                    template_path,
-                    template_source,
-                    fingerprint,
-                    transport,
-                    json.dumps(settings or {}),
-                    now,
-                    now,
-                ),
-            )
-        else:
-            self._check_template(existing, fingerprint, allow_template_change)
-            self._db.execute(
-                "UPDATE campaigns SET template_path = ?, template_source = ?, "
-                "template_fingerprint = ?, transport = ?, settings = ?, updated_at = ? WHERE id = ?",
-                (
-                    template_path,
-                    template_source,
-                    fingerprint,
-                    transport,
-                    json.dumps(settings or existing.settings),
-                    now,
-                    existing.id,
-                ),
-            )
+        # One write transaction: two sends started together must not both find the campaign
+        # missing and both insert it (the second would fail on the unique name).
+        with self._transaction():
+            existing = self._campaign_where("name = ?", (name,))
+            if existing is None:
+                self._db.execute(
+                    "INSERT INTO campaigns (name, template_path, template_source, template_fingerprint,"
+                    " transport, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        template_path,
+                        template_source,
+                        fingerprint,
+                        transport,
+                        json.dumps(settings or {}),
+                        now,
+                        now,
+                    ),
+                )
+            else:
+                self._check_template(existing, fingerprint, allow_template_change)
+                self._db.execute(
+                    "UPDATE campaigns SET template_path = ?, template_source = ?, "
+                    "template_fingerprint = ?, transport = ?, settings = ?, updated_at = ? WHERE id = ?",
+                    (
+                        template_path,
+                        template_source,
+                        fingerprint,
+                        transport,
+                        json.dumps(settings or existing.settings),
+                        now,
+                        existing.id,
+                    ),
+                )
         found = self._campaign_where("name = ?", (name,))
         assert found is not None
         return found
