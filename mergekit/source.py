@@ -1,9 +1,9 @@
 """Ingest: stream a recipients CSV into rows with a key, a state and their data.
 
-pandas reads the file in chunks with every column as text (``dtype=str``,
-``keep_default_na=False``), so ``02134`` keeps its zero and a surname ``Null``
-stays a surname. A row keeps its position (``row``: 1 is the first line after
-the header) for every message about it.
+Arrow's CSV reader (``pyarrow.csv``, the parser behind pandas' ``engine="pyarrow"``)
+reads the file a block at a time with every column as text, so ``02134`` keeps
+its zero and a surname ``Null`` stays a surname. A row keeps its position
+(``row``: 1 is the first line after the header) for every message about it.
 
 The recipient key is the address from the email column, stripped and
 lower-cased (or the ``--key`` column as written). The first row with a key
@@ -12,49 +12,59 @@ resumed ingest recognises rows it has seen). Ingest only checks an address's
 shape, cheaply; the full check (email-validator, no DNS) runs when the row is
 rendered, spread over the send instead of holding up the start.
 
-Rows are classified a chunk at a time, a column at once (strip, lower-case,
-shape check, duplicate count), and a chunk's data is JSON-encoded a column at
-once: on a million-row file the dict, classification, ``SourceRow`` and
-``json.dumps`` made per row were three quarters of ingest's time
-(docs/benchmarks). A :class:`SourceChunk` holds those columns, and is a
-sequence of :class:`SourceRow` for readers that want rows (preview).
+Rows are classified a chunk at a time with Arrow's compute functions (strip,
+lower-case, shape check, suppression) and duplicates are found by hash, so little
+Python code runs per row on a file without problems: on a million rows, pandas'
+parse, the csv module's shape check and the per-row work took 3.8 of ingest's
+7.5 profiled seconds (issue 6, docs/benchmarks/profiles/ingest-1m.txt).
+A :class:`SourceChunk` holds the Arrow columns; a ledger stores its pending rows
+as one block (:meth:`SourceChunk.pending_batch`), or per row from :meth:`SourceChunk.columns`,
+and it is a sequence of :class:`SourceRow` for readers that want rows (preview).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import json
-import operator
-import re
+import os
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, filterfalse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, overload
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 from .errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+    import pyarrow as pa
 
-# pandas and numpy are imported where a file is read, not here: render worker
-# processes import this package but never read a CSV, and each would carry
-# about 50 MB of pandas (issue 6: the dry run's memory over its process tree).
+# pyarrow and numpy are imported where a file is read, not here: render worker
+# processes import this package but never read a CSV (issue 6: the dry run's
+# memory over its process tree).
 
-CHUNK_ROWS = 20_000  # rows parsed at once: bounds memory on million-row files
+CHUNK_ROWS = 25_000  # rows classified and stored at once: bounds memory on million-row files
+_BLOCK_BYTES = 256 << 10  # bytes Arrow parses at a time: its reader holds some tens of blocks
 DEFAULT_ENCODING = "utf-8-sig"  # UTF-8 with or without a byte-order mark
+# str.strip()'s whitespace (every c with c.isspace()), for Arrow's trim and for the
+# shape pattern, where RE2's \s is ASCII only.
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_NOT_SPACE_OR = "".join(f"\\x{{{ord(c):x}}}" for c in _WHITESPACE)
 # One @, something on each side, a dot in the domain, no spaces: enough to catch
 # the typos of a spreadsheet before the full check at render time.
-_ADDRESS_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+\Z")
-# pandas' hash_array key for the second of a recipient key's two hashes (any 16 bytes
-# other than pandas' default key give an independent hash).
-_SECOND_HASH_KEY = "mergekit-seen-02"
+_ADDRESS_SHAPE = f"^[^@{_NOT_SPACE_OR}]+@[^@{_NOT_SPACE_OR}]+\\.[^@{_NOT_SPACE_OR}.]+$"
+# The hash a recipient key is found by within one ingest (any str hash; tests force collisions).
+_key_hash = hash
 # A row's data as JSON text: the encoder ``json.dumps(data, ensure_ascii=False)`` uses.
 encode_data = json.JSONEncoder(ensure_ascii=False).encode
-_quote = json.encoder.encode_basestring  # one JSON string, as that encoder writes it
+quote_json = json.encoder.encode_basestring  # one JSON string, as that encoder writes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,24 +103,29 @@ class IngestColumns(NamedTuple):
     reasons: list[str]
 
 
+class Layout(NamedTuple):
+    """Where a file's columns are: their names, and the positions of the address and the ``--key``."""
+
+    names: list[str]
+    email_at: int
+    key_at: int | None
+
+
 class SourceChunk(Sequence[SourceRow]):
-    """Consecutive rows of a file, held as its columns (``values``: one list per CSV column).
+    """Consecutive rows of a file, held as Arrow columns (``values``: one per CSV column).
 
     A row is built only when asked for (``chunk[i]``); a ledger takes
-    :meth:`columns` instead, without a dict or a ``SourceRow`` per row.
+    :meth:`pending_batch` and :meth:`settled` (a block store) or :meth:`columns`
+    (a row store) instead.
     """
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        values: list[list[str]],
-        first_row: int,
-        classes: tuple[list[str], list[int], list[str], list[str], list[str]],
-    ) -> None:
-        self._names = names
+    def __init__(self, layout: Layout, values: pa.RecordBatch, first_row: int, classes: Classes) -> None:
+        self.layout = layout
+        self.names = layout.names
         self._values = values
-        self._rows = range(first_row, first_row + len(values[0]))
-        self._keys, self._occurrences, self._emails, self._states, self._reasons = classes
+        self._rows = range(first_row, first_row + values.num_rows)
+        self._classes = classes
+        self._lists: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -125,31 +140,81 @@ class SourceChunk(Sequence[SourceRow]):
         if isinstance(index, slice):
             return [self[i] for i in range(len(self))[index]]
         i = range(len(self))[index]
+        values = self._value_lists()
+        classes = self._classes
         return SourceRow(
             self._rows[i],
-            self._keys[i],
-            self._occurrences[i],
-            self._emails[i],
-            dict(zip(self._names, [column[i] for column in self._values], strict=True)),
-            self._states[i],
-            self._reasons[i],
+            classes.keys[i],
+            int(classes.occurrences[i]),
+            classes.emails[i].as_py(),
+            dict(zip(self.names, [column[i] for column in values], strict=True)),
+            classes.states.get(i, "pending"),
+            classes.reasons.get(i, ""),
         )
 
+    def _value_lists(self) -> list[list[str]]:
+        if self._lists is None:
+            self._lists = [column.to_pylist() for column in self._values.columns]
+        return self._lists
+
     def columns(self) -> IngestColumns:
-        """The chunk as a ledger inserts it, the data encoded a column at a time."""
+        """Every row as a row store inserts it, the data encoded a column at a time."""
+        classes = self._classes
         return IngestColumns(
             self._rows,
-            self._keys,
-            self._occurrences,
-            self._emails,
-            _json_objects(self._names, self._values),
-            self._states,
-            self._reasons,
+            classes.keys,
+            classes.occurrences.tolist(),
+            classes.emails.to_pylist(),
+            json_objects(self.names, self._value_lists()),
+            [classes.states.get(i, "pending") for i in range(len(self))],
+            [classes.reasons.get(i, "") for i in range(len(self))],
         )
+
+    def settled(self) -> list[SourceRow]:
+        """The rows ingest already settled (invalid, duplicate, suppressed), in order."""
+        return [self[i] for i in sorted(self._classes.states)]
+
+    def pending_batch(self) -> pa.RecordBatch:
+        """The ``pending`` rows as one Arrow batch: ``row``, then the CSV's columns as read.
+
+        A pending row's occurrence is 0, and its address and key follow from its
+        columns (:func:`pending_keys`), so they are not stored twice.
+        """
+        import numpy as np
+        import pyarrow as pa
+
+        classes = self._classes
+        rows = pa.array(np.arange(self._rows.start, self._rows.stop, dtype=np.int32))
+        names = ["row", *(str(i) for i in range(self._values.num_columns))]
+        batch = pa.RecordBatch.from_arrays([rows, *self._values.columns], names=names)
+        if not classes.states:
+            return batch
+        keep = np.ones(len(self), dtype=bool)
+        keep[list(classes.states)] = False
+        return batch.filter(pa.array(keep))
+
+
+def pending_keys(layout: Layout, values: Sequence[list[str]]) -> tuple[list[str], list[str]]:
+    """The addresses and keys of pending rows from their columns, as :class:`_Classifier` gave them."""
+    emails = list(map(str.strip, values[layout.email_at]))
+    keys = list(map(str.lower, emails)) if layout.key_at is None else values[layout.key_at]
+    return emails, keys
+
+
+class Classes(NamedTuple):
+    """A chunk's classification: every row's key, occurrence and stripped address; the
+    states and reasons of the rows that are not ``pending`` (few), by position."""
+
+    keys: list[str]
+    key_array: pa.StringArray
+    occurrences: npt.NDArray[np.int64]
+    emails: pa.StringArray
+    states: dict[int, str]
+    reasons: dict[int, str]
 
 
 def ingest_columns(chunk: Sequence[SourceRow]) -> IngestColumns:
-    """``chunk`` as a ledger inserts it: a :class:`SourceChunk`'s own columns, or any rows'."""
+    """``chunk`` as a row store inserts it: a :class:`SourceChunk`'s own columns, or any rows'."""
     if isinstance(chunk, SourceChunk):
         return chunk.columns()
     return IngestColumns(
@@ -169,44 +234,86 @@ def read_rows(
     """Yield the file's rows in chunks, each row ``pending``, ``invalid``, ``duplicate`` or ``suppressed``.
 
     :raises InputError: the file is missing, empty, not in the encoding, has no
-        address column or a row with the wrong number of fields. Raised before
-        the first chunk: the whole file's shape is checked first.
+        address column or a row with the wrong number of fields. A file's name,
+        header and address column are checked before the first chunk; a bad row
+        further down raises when the reader reaches it, so a ledger stores a
+        file's rows in one transaction.
     """
-    import pandas as pd
+    import pyarrow as pa
 
     path = str(path)
+    _prefer_jemalloc()
     encoding = _check_encoding(options.encoding)
     columns = _read_header(path, encoding)
     email_column = _find_column(columns, options.email_column, path, "--email-column")
     key_column = _find_column(columns, options.key_column, path, "--key") if options.key_column else None
-    _check_shape(path, encoding, len(columns))
     classify = _Classifier(columns, email_column, key_column, options.suppressed)
+    layout = Layout(columns, classify.email_at, classify.key_at)
     first_row = 1
-    with pd.read_csv(
+    try:
+        for values in _batches(path, encoding, len(columns)):
+            yield SourceChunk(layout, values, first_row, classify(first_row, values))
+            first_row += values.num_rows
+    except (pa.ArrowInvalid, UnicodeDecodeError) as err:
+        raise _parse_error(path, encoding, len(columns), err) from None
+
+
+def _prefer_jemalloc() -> None:
+    """Give Arrow jemalloc unless the user chose an allocator ($ARROW_DEFAULT_MEMORY_POOL).
+
+    A million-row ingest peaked at 255 MB RSS with it, at 320 MB with pyarrow's
+    default mimalloc, in the same time (issue 6, docs/benchmarks).
+    """
+    import pyarrow as pa
+
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        with contextlib.suppress(NotImplementedError):  # a pyarrow built without it
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
+
+
+def _batches(path: str, encoding: str, width: int) -> Iterator[pa.RecordBatch]:
+    """The file's rows after the header, every column text, in batches of :data:`CHUNK_ROWS`."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    names = [str(i) for i in range(width)]
+    reader = pa_csv.open_csv(
         path,
-        dtype=str,
-        keep_default_na=False,
-        chunksize=CHUNK_ROWS,
-        encoding=encoding,
-        skip_blank_lines=True,
-        engine="c",
-        index_col=False,
-    ) as reader:
-        for frame in reader:
-            values: list[list[str]] = frame.to_numpy(dtype=object).T.tolist()
-            del frame  # the frame's own copy of the values: freed before the next is parsed
-            yield SourceChunk(columns, values, first_row, classify(first_row, values))
-            first_row += len(values[0])
+        read_options=pa_csv.ReadOptions(
+            encoding="utf8" if encoding == DEFAULT_ENCODING else encoding,
+            skip_rows=1,
+            column_names=names,
+            block_size=_BLOCK_BYTES,
+        ),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in reader:
+        held.append(batch)
+        count += batch.num_rows
+        while count >= CHUNK_ROWS:
+            whole = pa.concat_batches(held)
+            yield whole.slice(0, CHUNK_ROWS)
+            rest = whole.slice(CHUNK_ROWS)
+            held, count = [rest], rest.num_rows
+    if count:
+        yield pa.concat_batches(held)
 
 
-def _json_objects(names: Sequence[str], values: list[list[str]]) -> list[str]:
+def json_objects(names: Sequence[str], values: Sequence[list[str]]) -> list[str]:
     """Each row as the JSON text ``encode_data(dict(zip(names, row)))`` gives, built a column at a time.
 
     A name given twice keeps its first place and its last value, as in a dict.
     """
     last = {name: i for i, name in enumerate(names)}
-    template = "{" + ", ".join(_quote(name).replace("%", "%%") + ": %s" for name in last) + "}"
-    quoted = [list(map(_quote, values[i])) for i in last.values()]
+    template = "{" + ", ".join(quote_json(name).replace("%", "%%") + ": %s" for name in last) + "}"
+    quoted = [list(map(quote_json, values[i])) for i in last.values()]
     return list(map(template.__mod__, zip(*quoted, strict=True)))
 
 
@@ -218,141 +325,162 @@ class _Classifier:
     the ``--key`` column's value (empty: ``invalid``), or ``(row N)`` when
     empty; a row whose key came before is ``duplicate`` (invalid rows count as
     having come); a ``pending`` row whose address is listed is ``suppressed``.
+    Strip and lower-case are Python's (``str.strip``, ``str.lower``), whichever
+    does the work: :func:`pending_keys` gives a pending row's again from its columns.
     """
 
     def __init__(
         self, columns: list[str], email_column: str, key_column: str | None, suppressed: Mapping[str, str]
     ) -> None:
         # A name given twice means its last column, as dict(zip(columns, row)) had it.
-        self._email_at = len(columns) - 1 - columns[::-1].index(email_column)
-        self._key_at = len(columns) - 1 - columns[::-1].index(key_column) if key_column else None
+        self.email_at = len(columns) - 1 - columns[::-1].index(email_column)
+        self.key_at = len(columns) - 1 - columns[::-1].index(key_column) if key_column else None
         self._email_column = email_column
         self._key_column = key_column
         self._suppressed = suppressed
         self._seen = _SeenKeys()
 
-    def __call__(
-        self, first_row: int, values: list[list[str]]
-    ) -> tuple[list[str], list[int], list[str], list[str], list[str]]:
-        """``(keys, occurrences, emails, states, reasons)`` of the rows from ``first_row`` on."""
-        count = len(values[0])
-        emails = list(map(str.strip, values[self._email_at]))
-        lowered = list(map(str.lower, emails))
-        states = ["pending"] * count
-        reasons = [""] * count
+    def __call__(self, first_row: int, values: pa.RecordBatch) -> Classes:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        emails = pc.utf8_trim(values.column(self.email_at), characters=_WHITESPACE)
+        if pc.all(pc.string_is_ascii(emails)).as_py() is not False:
+            lowered = pc.utf8_lower(emails)
+        else:  # Arrow's lower-case of some letters is not Python's (e.g. İ)
+            lowered = pa.array([email.lower() for email in emails.to_pylist()], pa.string())
+        states: dict[int, str] = {}
+        reasons: dict[int, str] = {}
         column = self._email_column
-        for i in compress(range(count), map(operator.not_, map(_ADDRESS_SHAPE.match, emails))):
+        shaped = pc.match_substring_regex(emails, _ADDRESS_SHAPE)
+        for i in np.flatnonzero(~shaped.to_numpy(zero_copy_only=False)).tolist():
+            email = emails[i].as_py()
             states[i] = "invalid"
             reasons[i] = (
-                f"column {column!r}: {emails[i]!r} is not an email address"
-                if emails[i]
+                f"column {column!r}: {email!r} is not an email address"
+                if email
                 else f"column {column!r} is empty"
             )
-        keys = lowered if self._key_at is None else values[self._key_at]
+        key_array = lowered if self.key_at is None else values.column(self.key_at)
+        keys: list[str] = key_array.to_pylist()
         if "" in keys:
-            for i in compress(range(count), map(operator.not_, keys)):
-                if states[i] == "pending":  # only a --key column's value: an empty address is invalid
+            for i in [i for i, key in enumerate(keys) if not key]:
+                if i not in states:  # only a --key column's value: an empty address is invalid
                     states[i], reasons[i] = "invalid", f"key column {self._key_column!r} is empty"
-            keys = [key or f"(row {first_row + i})" for i, key in enumerate(keys)]
-        occurrences = self._seen.count(keys)
-        for i in compress(range(count), occurrences):
-            if states[i] == "pending":
+                keys[i] = f"(row {first_row + i})"
+            key_array = pa.array(keys, pa.string())
+        occurrences = self._seen.count(keys, key_array)
+        for i in np.flatnonzero(occurrences).tolist():
+            if i not in states:
                 states[i], reasons[i] = "duplicate", f"same key as an earlier row ({keys[i]})"
         if self._suppressed:
             listed = self._suppressed
-            for i in compress(range(count), map(listed.__contains__, lowered)):
-                if states[i] == "pending":
+            found = pc.is_in(lowered, value_set=pa.array(list(listed), pa.string()))
+            for i in np.flatnonzero(found.to_numpy(zero_copy_only=False)).tolist():
+                if i not in states:
                     states[i] = "suppressed"
-                    reasons[i] = f"address listed in {listed[lowered[i]]} (--suppress)"
-        return keys, occurrences, emails, states, reasons
+                    reasons[i] = f"address listed in {listed[lowered[i].as_py()]} (--suppress)"
+        return Classes(keys, key_array, occurrences, emails, states, reasons)
 
 
 class _SeenKeys:
-    """How many times each recipient key came in earlier chunks, in 24 bytes a key.
+    """How many times each recipient key came before, in about 16 bytes a key beside the keys' Arrow column.
 
     A dict of the key strings took about 110 MB for a million rows, a third of
-    the dry run's memory target (issue 6). Each key is kept as two independent
-    64-bit SipHash values instead (pandas' ``hash_array`` with two hash keys),
-    sorted by the first: two different keys pass for one with a probability of
-    about n²/2¹²⁹, 10⁻²⁷ for a million rows.
+    the dry run's memory target (issue 6). Instead each key's hash is kept,
+    sorted, beside the position of the first row that had it, and the chunks'
+    keys stay as Arrow strings to confirm a match. Only rows whose hash came
+    before run Python code beyond the hashing; the counts of keys seen there
+    (duplicates, and the rare different keys sharing a hash) are kept by key.
+
+    The sorted hashes are runs of falling size, two runs of about one size
+    merged into one (as in a log-structured merge tree): adding a chunk's hashes
+    to one sorted array moved every stored hash per chunk.
     """
 
     def __init__(self) -> None:
-        import numpy as np
+        # (hashes sorted, the first row with each): no hash in two runs
+        self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
+        self._keys: list[pa.StringArray] = []  # every chunk's keys
+        self._starts: list[int] = []  # each chunk's first position in the file, from 0
+        self._counted: dict[str, int] = {}  # rows so far with each key met below
 
-        self._first: npt.NDArray[np.uint64] = np.empty(0, np.uint64)  # sorted
-        self._second: npt.NDArray[np.uint64] = np.empty(0, np.uint64)
-        self._counts: npt.NDArray[np.int64] = np.empty(0, np.int64)
-
-    def count(self, keys: list[str]) -> list[int]:
+    def count(self, keys: list[str], key_array: pa.StringArray) -> npt.NDArray[np.int64]:
         """Each key's occurrence: how often it came before, in earlier chunks or earlier in ``keys``."""
         import numpy as np
-        import pandas as pd
-        from pandas.util import hash_array
 
-        codes, uniques = pd.factorize(np.array(keys, dtype=object))
-        earlier_here = pd.Series(codes).groupby(codes).cumcount().to_numpy()
-        first = hash_array(uniques, categorize=False)
-        # The chunk's keys in hash order: searching the stored hashes for sorted
-        # values walks them once, where random order missed the cache at each key.
-        order = np.argsort(first)
-        first = first[order]
-        second = hash_array(uniques[order], hash_key=_SECOND_HASH_KEY, categorize=False)
-        here = np.bincount(codes, minlength=len(uniques))[order]
-        slots = self._find(first, second)
-        known = slots >= 0
-        before = np.zeros(len(uniques), np.int64)
-        before[order[known]] = self._counts[slots[known]]
-        self._counts[slots[known]] += here[known]
-        new = ~known
-        at = np.searchsorted(self._first, first[new])
-        self._first = np.insert(self._first, at, first[new])
-        self._second = np.insert(self._second, at, second[new])
-        self._counts = np.insert(self._counts, at, here[new])
-        occurrences: list[int] = (before[codes] + earlier_here).tolist()
+        start = self._starts[-1] + len(self._keys[-1]) if self._keys else 0
+        hashes = np.fromiter(map(_key_hash, keys), np.int64, len(keys))
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        stored, first_at = self._find(ordered)
+        same = ordered[1:] == ordered[:-1]
+        suspect = stored.copy()  # rows whose hash came before: in a run, or in this chunk
+        suspect[1:] |= same
+        suspect[:-1] |= same
+        occurrences = np.zeros(len(keys), np.int64)
+        # In row order, so an earlier row of the chunk is counted before a later one.
+        stored_firsts = np.where(stored, first_at, -1)[suspect].tolist()
+        for i, stored_first in sorted(zip(order[suspect].tolist(), stored_firsts, strict=True)):
+            key = keys[i]
+            before = self._counted.get(key)
+            if before is None:  # not met here before: did it come at the hash's first row?
+                before = int(stored_first >= 0 and self._key_at(stored_first) == key)
+            occurrences[i] = before
+            self._counted[key] = before + 1
+        new = ~stored
+        new[1:] &= ~same  # each hash once, at its first row
+        self._add_run(ordered[new], order[new] + start)
+        self._keys.append(key_array)
+        self._starts.append(start)
         return occurrences
 
-    def _find(self, first: npt.NDArray[np.uint64], second: npt.NDArray[np.uint64]) -> npt.NDArray[Any]:
-        """Where each (first, second) pair is stored, or -1."""
+    def _find(self, ordered: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+        """For sorted hashes: which are stored, and the first row of each that is."""
         import numpy as np
 
-        slots = np.full(len(first), -1, np.int64)
-        if not len(self._first):
-            return slots
-        at = np.searchsorted(self._first, first)
-        inside = np.minimum(at, len(self._first) - 1)
-        same_first = self._first[inside] == first
-        found = same_first & (self._second[inside] == second)
-        slots[found] = at[found]
-        # Keys whose first hash is another stored key's: look along the run of equal first hashes.
-        for i in np.flatnonzero(same_first & ~found):
-            j = int(at[i])
-            while j < len(self._first) and self._first[j] == first[i]:
-                if self._second[j] == second[i]:
-                    slots[i] = j
-                    break
-                j += 1
-        return slots
+        stored = np.zeros(len(ordered), dtype=bool)
+        first_at = np.zeros(len(ordered), np.int64)
+        for hashes, firsts in self._runs:
+            at = np.minimum(np.searchsorted(hashes, ordered), len(hashes) - 1)
+            found = hashes[at] == ordered
+            stored |= found
+            first_at[found] = firsts[at[found]]
+        return stored, first_at
+
+    def _add_run(self, hashes: npt.NDArray[np.int64], firsts: npt.NDArray[np.int64]) -> None:
+        import numpy as np
+
+        runs = self._runs
+        if len(hashes):
+            runs.append((hashes, firsts))
+        while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
+            (later, later_firsts), (earlier, earlier_firsts) = runs.pop(), runs.pop()
+            joined = np.concatenate((earlier, later))
+            order = np.argsort(joined, kind="stable")  # a merge of two sorted runs
+            runs.append((joined[order], np.concatenate((earlier_firsts, later_firsts))[order]))
+
+    def _key_at(self, position: int) -> str:
+        """The key of the row at ``position`` in the file (from 0), in an earlier chunk."""
+        chunk = bisect_right(self._starts, position) - 1
+        key: str = self._keys[chunk][position - self._starts[chunk]].as_py()
+        return key
 
 
-def _check_shape(path: str, encoding: str, width: int) -> None:
-    """Check the whole file decodes and every row has the header's width, before any row is used.
+def _parse_error(path: str, encoding: str, width: int, err: Exception) -> InputError:
+    """The InputError for a file Arrow would not read, naming the row where it went wrong.
 
-    pandas pads a short row with empty strings when NA parsing is off, so the
-    shape is checked here (the csv module is as fast as pandas' tokenizer).
-    This pass runs no Python code per row; only a file with a problem is read
-    again by :func:`_name_shape_error`, which says where.
+    Only a file with a problem is read again, by the csv module, to say where:
+    the first row that does not decode, parse or have ``width`` fields.
     """
     try:
-        with open(path, encoding=encoding, newline="") as file:
-            records = csv.reader(file, strict=True)
-            next(records, None)
-            # Widths other than the header's: a blank line's 0 (pandas skips it too), or a bad row.
-            if not any(map(bool, filterfalse(width.__eq__, map(len, records)))):
-                return
-    except (UnicodeDecodeError, csv.Error):
-        pass
-    _name_shape_error(path, encoding, width)
+        _name_shape_error(path, encoding, width)
+    except InputError as found:
+        return found
+    return InputError(
+        f"cannot parse the CSV: {err}", path=path, hint="Fix the line, or save the file again as CSV"
+    )
 
 
 def _name_shape_error(path: str, encoding: str, width: int) -> None:

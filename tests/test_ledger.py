@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mergekit.errors import LedgerBusyError, LedgerError
-from mergekit.ledger import STATES, Campaign, Ledger, RowUpdate, SqliteLedger, open_ledger
-from mergekit.source import SourceRow
+from mergekit.errors import InputError, LedgerBusyError, LedgerError
+from mergekit.ledger import STATES, Campaign, ClaimedRow, Ledger, RowUpdate, SqliteLedger, open_ledger
+from mergekit.source import SourceRow, read_rows
 
 
 def open_campaign(ledger: Ledger, name: str = "c", fingerprint: str = "f1", allow: bool = False) -> Campaign:
@@ -200,3 +200,99 @@ def test_not_a_ledger_file(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(LedgerError, match="--ledger"):
         SqliteLedger(str(path))
+
+
+# -- rows from a file: a first ingest keeps pending rows in blocks (SQLite) ----------------
+
+
+def write_recipients(path: Path, count: int, extra: str = "") -> Path:
+    path.write_text("email,n\n" + "".join(f"u{i}@example.org,{i}\n" for i in range(1, count + 1)) + extra)
+    return path
+
+
+def claim_all(ledger: Ledger, campaign: Campaign, step: int) -> list[ClaimedRow]:
+    claimed: list[ClaimedRow] = []
+    while found := ledger.claim(campaign, step, states=["pending"], due_before=None):
+        claimed += found
+    return claimed
+
+
+def test_file_rows_are_claimed_once_in_file_order_with_their_data(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 4)
+    path = write_recipients(tmp_path / "r.csv", 10, "U3@example.org,dup\nnot-an-address,bad\n")
+    campaign = open_campaign(ledger)
+    assert ledger.ingest(campaign, read_rows(path)).added == 12
+    counts = ledger.counts(campaign)
+    assert (counts["pending"], counts["duplicate"], counts["invalid"]) == (10, 1, 1)
+    claimed = claim_all(ledger, campaign, 3)
+    assert [r.row for r in claimed] == list(range(1, 11))
+    assert [r.data for r in claimed] == [{"email": f"u{i}@example.org", "n": str(i)} for i in range(1, 11)]
+    assert [r.key for r in claimed] == [f"u{i}@example.org" for i in range(1, 11)]
+    assert len({r.id for r in claimed}) == 10
+    assert ledger.counts(campaign)["sending"] == 10 and ledger.counts(campaign)["pending"] == 0
+
+
+def test_a_file_ingested_again_mid_send_adds_only_new_rows(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 4)
+    campaign = open_campaign(ledger)
+    ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 10)))
+    first = ledger.claim(campaign, 5, states=["pending"], due_before=None)
+    ledger.record(campaign, [RowUpdate(r.id, "sent") for r in first])
+    again = ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 12)))
+    assert (again.added, again.known) == (2, 10)
+    assert ledger.counts(campaign)["pending"] == 7
+    assert [r.row for r in claim_all(ledger, campaign, 4)] == list(range(6, 13))
+
+
+def test_suppress_reaches_rows_not_yet_claimed(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 4)
+    campaign = open_campaign(ledger)
+    ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 10)))
+    ledger.claim(campaign, 2, states=["pending"], due_before=None)
+    assert ledger.suppress(campaign, {"u5@example.org": "stop.csv", "u1@example.org": "stop.csv"}) == 1
+    counts = ledger.counts(campaign)
+    assert (counts["pending"], counts["suppressed"], counts["sending"]) == (7, 1, 2)
+    listed = list(ledger.rows(campaign))
+    assert [(r.row, r.state) for r in listed] == [
+        (i, "sending" if i <= 2 else "suppressed" if i == 5 else "pending") for i in range(1, 11)
+    ]
+    assert "stop.csv" in listed[4].last_text
+    assert [r.row for r in claim_all(ledger, campaign, 2)] == [3, 4, 6, 7, 8, 9, 10]
+    assert [r.row for r in ledger.rows(campaign, ["pending"])] == []
+
+
+def test_first_ingest_keeps_pending_rows_in_blocks_until_claimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 4)
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    campaign = open_campaign(ledger)
+    ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 10)))
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT count(*) FROM recipients").fetchone()[0] == 0
+        assert db.execute("SELECT count(*), sum(size) FROM source_blocks").fetchone() == (3, 10)
+    claim_all(ledger, campaign, 3)
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT count(*) FROM recipients WHERE state = 'sending'").fetchone()[0] == 10
+        assert db.execute("SELECT count(*) FROM source_blocks").fetchone()[0] == 0
+    ledger.close()
+
+
+def test_a_bad_row_late_in_a_first_ingest_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 2)
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    campaign = open_campaign(ledger)
+    path = write_recipients(tmp_path / "r.csv", 6, "u7@example.org,7,extra\n")
+    with pytest.raises(InputError) as caught:
+        ledger.ingest(campaign, read_rows(path))
+    assert caught.value.row == 7 and caught.value.line == 8
+    assert sum(ledger.counts(campaign).values()) == 0
+    ledger.close()
