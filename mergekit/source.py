@@ -30,9 +30,9 @@ import csv
 import json
 import os
 import warnings
-from bisect import bisect_right
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, overload
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 # processes import this package but never read a CSV (issue 6: the dry run's
 # memory over its process tree).
 
-CHUNK_ROWS = 25_000  # rows classified and stored at once: bounds memory on million-row files
+CHUNK_ROWS = 50_000  # rows classified and stored at once: bounds memory on million-row files
 _BLOCK_BYTES = 256 << 10  # bytes Arrow parses at a time: its reader holds some tens of blocks
 DEFAULT_ENCODING = "utf-8-sig"  # UTF-8 with or without a byte-order mark
 # str.strip()'s whitespace (every c with c.isspace()), for Arrow's trim and for the
@@ -60,8 +60,9 @@ _NOT_SPACE_OR = "".join(f"\\x{{{ord(c):x}}}" for c in _WHITESPACE)
 # One @, something on each side, a dot in the domain, no spaces: enough to catch
 # the typos of a spreadsheet before the full check at render time.
 _ADDRESS_SHAPE = f"^[^@{_NOT_SPACE_OR}]+@[^@{_NOT_SPACE_OR}]+\\.[^@{_NOT_SPACE_OR}.]+$"
-# The hash a recipient key is found by within one ingest (any str hash; tests force collisions).
+# The first hash a recipient key is found by within one ingest (tests force collisions).
 _key_hash = hash
+_second = itemgetter(1)
 # A row's data as JSON text: the encoder ``json.dumps(data, ensure_ascii=False)`` uses.
 encode_data = json.JSONEncoder(ensure_ascii=False).encode
 quote_json = json.encoder.encode_basestring  # one JSON string, as that encoder writes it
@@ -206,7 +207,6 @@ class Classes(NamedTuple):
     states and reasons of the rows that are not ``pending`` (few), by position."""
 
     keys: list[str]
-    key_array: pa.StringArray
     occurrences: npt.NDArray[np.int64]
     emails: pa.StringArray
     states: dict[int, str]
@@ -362,15 +362,13 @@ class _Classifier:
                 if email
                 else f"column {column!r} is empty"
             )
-        key_array = lowered if self.key_at is None else values.column(self.key_at)
-        keys: list[str] = key_array.to_pylist()
+        keys: list[str] = (lowered if self.key_at is None else values.column(self.key_at)).to_pylist()
         if "" in keys:
             for i in [i for i, key in enumerate(keys) if not key]:
                 if i not in states:  # only a --key column's value: an empty address is invalid
                     states[i], reasons[i] = "invalid", f"key column {self._key_column!r} is empty"
                 keys[i] = f"(row {first_row + i})"
-            key_array = pa.array(keys, pa.string())
-        occurrences = self._seen.count(keys, key_array)
+        occurrences = self._seen.count(keys)
         for i in np.flatnonzero(occurrences).tolist():
             if i not in states:
                 states[i], reasons[i] = "duplicate", f"same key as an earlier row ({keys[i]})"
@@ -381,18 +379,19 @@ class _Classifier:
                 if i not in states:
                     states[i] = "suppressed"
                     reasons[i] = f"address listed in {listed[lowered[i].as_py()]} (--suppress)"
-        return Classes(keys, key_array, occurrences, emails, states, reasons)
+        return Classes(keys, occurrences, emails, states, reasons)
 
 
 class _SeenKeys:
-    """How many times each recipient key came before, in about 16 bytes a key beside the keys' Arrow column.
+    """How many times each recipient key came before, in 16 bytes a key.
 
     A dict of the key strings took about 110 MB for a million rows, a third of
-    the dry run's memory target (issue 6). Instead each key's hash is kept,
-    sorted, beside the position of the first row that had it, and the chunks'
-    keys stay as Arrow strings to confirm a match. Only rows whose hash came
-    before run Python code beyond the hashing; the counts of keys seen there
-    (duplicates, and the rare different keys sharing a hash) are kept by key.
+    the dry run's memory target (issue 6). Each key is kept as two independent
+    64-bit hashes instead (Python's SipHash of the key, and of the key after a
+    NUL), sorted by the first: two different keys pass for one with a
+    probability of about n²/2¹²⁹, 10⁻²⁷ for a million rows. Only rows whose
+    first hash came before run Python code beyond the hashing; the counts of
+    keys seen there (duplicates, mostly) are kept by their pair of hashes.
 
     The sorted hashes are runs of falling size, two runs of about one size
     merged into one (as in a log-structured merge tree): adding a chunk's hashes
@@ -400,72 +399,66 @@ class _SeenKeys:
     """
 
     def __init__(self) -> None:
-        # (hashes sorted, the first row with each): no hash in two runs
+        # (first hashes sorted, second hashes beside them): no pair in two runs
         self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
-        self._keys: list[pa.StringArray] = []  # every chunk's keys
-        self._starts: list[int] = []  # each chunk's first position in the file, from 0
-        self._counted: dict[str, int] = {}  # rows so far with each key met below
+        self._counted: dict[tuple[int, int], int] = {}  # rows so far with each pair met below
 
-    def count(self, keys: list[str], key_array: pa.StringArray) -> npt.NDArray[np.int64]:
+    def count(self, keys: list[str]) -> npt.NDArray[np.int64]:
         """Each key's occurrence: how often it came before, in earlier chunks or earlier in ``keys``."""
         import numpy as np
 
-        start = self._starts[-1] + len(self._keys[-1]) if self._keys else 0
-        hashes = np.fromiter(map(_key_hash, keys), np.int64, len(keys))
-        order = np.argsort(hashes, kind="stable")
-        ordered = hashes[order]
-        stored, first_at = self._find(ordered)
+        first = np.fromiter(map(_key_hash, keys), np.int64, len(keys))
+        second = np.fromiter(map(hash, map("\0".__add__, keys)), np.int64, len(keys))
+        order = np.argsort(first, kind="stable")
+        ordered = first[order]
+        suspect = self._stored(ordered)  # rows whose first hash came before: in a run, or here
         same = ordered[1:] == ordered[:-1]
-        suspect = stored.copy()  # rows whose hash came before: in a run, or in this chunk
         suspect[1:] |= same
         suspect[:-1] |= same
         occurrences = np.zeros(len(keys), np.int64)
+        new = ~suspect  # in sorted order: the pairs to store
         # In row order, so an earlier row of the chunk is counted before a later one.
-        stored_firsts = np.where(stored, first_at, -1)[suspect].tolist()
-        for i, stored_first in sorted(zip(order[suspect].tolist(), stored_firsts, strict=True)):
-            key = keys[i]
-            before = self._counted.get(key)
-            if before is None:  # not met here before: did it come at the hash's first row?
-                before = int(stored_first >= 0 and self._key_at(stored_first) == key)
+        for at, i in sorted(
+            zip(np.flatnonzero(suspect).tolist(), order[suspect].tolist(), strict=True), key=_second
+        ):
+            pair = (int(first[i]), int(second[i]))
+            before = self._counted.get(pair)
+            if before is None:  # not met here before: is it in a run?
+                before = int(self._holds(pair))
+                new[at] = not before
             occurrences[i] = before
-            self._counted[key] = before + 1
-        new = ~stored
-        new[1:] &= ~same  # each hash once, at its first row
-        self._add_run(ordered[new], order[new] + start)
-        self._keys.append(key_array)
-        self._starts.append(start)
+            self._counted[pair] = before + 1
+        self._add_run(ordered[new], second[order[new]])
         return occurrences
 
-    def _find(self, ordered: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
-        """For sorted hashes: which are stored, and the first row of each that is."""
+    def _stored(self, ordered: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """For sorted first hashes: which some run holds (with any second hash)."""
         import numpy as np
 
         stored = np.zeros(len(ordered), dtype=bool)
-        first_at = np.zeros(len(ordered), np.int64)
-        for hashes, firsts in self._runs:
-            at = np.minimum(np.searchsorted(hashes, ordered), len(hashes) - 1)
-            found = hashes[at] == ordered
-            stored |= found
-            first_at[found] = firsts[at[found]]
-        return stored, first_at
+        for firsts, _ in self._runs:
+            at = np.minimum(np.searchsorted(firsts, ordered), len(firsts) - 1)
+            stored |= firsts[at] == ordered
+        return stored
 
-    def _add_run(self, hashes: npt.NDArray[np.int64], firsts: npt.NDArray[np.int64]) -> None:
+    def _holds(self, pair: tuple[int, int]) -> bool:
+        for firsts, seconds in self._runs:
+            start, end = firsts.searchsorted(pair[0], "left"), firsts.searchsorted(pair[0], "right")
+            if (seconds[start:end] == pair[1]).any():
+                return True
+        return False
+
+    def _add_run(self, firsts: npt.NDArray[np.int64], seconds: npt.NDArray[np.int64]) -> None:
         import numpy as np
 
         runs = self._runs
-        if len(hashes):
-            runs.append((hashes, firsts))
+        if len(firsts):
+            runs.append((firsts, seconds))
         while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
-            (later, later_firsts), (earlier, earlier_firsts) = runs.pop(), runs.pop()
+            (later, later_seconds), (earlier, earlier_seconds) = runs.pop(), runs.pop()
             joined = np.concatenate((earlier, later))
             order = np.argsort(joined, kind="stable")  # a merge of two sorted runs
-            runs.append((joined[order], np.concatenate((earlier_firsts, later_firsts))[order]))
-
-    def _key_at(self, position: int) -> str:
-        """The key of the row at ``position`` in the file (from 0), in an earlier chunk."""
-        chunk = bisect_right(self._starts, position) - 1
-        key: str = self._keys[chunk][position - self._starts[chunk]].as_py()
-        return key
+            runs.append((joined[order], np.concatenate((earlier_seconds, later_seconds))[order]))
 
 
 def _parse_error(path: str, encoding: str, width: int, err: Exception) -> InputError:
