@@ -41,10 +41,12 @@ from .errors import LedgerBusyError, LedgerError
 from .source import (
     IngestColumns,
     Layout,
+    SeenKeys,
     SourceChunk,
     SourceRow,
     ingest_columns,
     json_objects,
+    keys_of,
     pending_keys,
     quote_json,
 )
@@ -238,7 +240,8 @@ class Ledger(ABC):
         due_before: float | None,
         settled_before: float | None = None,
     ) -> list[ClaimedRow]:
-        """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in row order.
+        """Mark up to ``limit`` rows of ``states`` as ``sending`` and return them, in the order
+        they were recorded (SQLite: rows still in a first ingest's blocks first, in file order).
 
         ``deferred`` rows are claimed only when due (``next_attempt_at <= due_before``)
         unless ``due_before`` is None. With ``settled_before`` (a run's start), rows
@@ -460,9 +463,7 @@ class SqliteLedger(Ledger):
         """A campaign's first ingest stores each chunk's pending rows as one block, all in one
         transaction (a file with a bad row leaves nothing); later ones compare row by row."""
         if self._holds_rows(campaign):
-            with self._transaction():
-                self._unpack_blocks(campaign)
-            return self._ingest_rows(campaign, chunks)
+            return self._ingest_rows(campaign, chunks, self._keys_in_blocks(campaign))
         added = 0
         by_rows = False  # once a chunk is not a SourceChunk, every row is compared by key
         with self._transaction():
@@ -477,14 +478,35 @@ class SqliteLedger(Ledger):
                 added += self._store_block(campaign, chunk)
         return IngestCounts(added, 0)
 
-    def _ingest_rows(self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]]) -> IngestCounts:
+    def _ingest_rows(
+        self, campaign: Campaign, chunks: Iterable[Sequence[SourceRow]], in_blocks: SeenKeys
+    ) -> IngestCounts:
+        """Insert the rows that are neither recipients (by key and occurrence, ON CONFLICT) nor
+        in a block (a pending row there has occurrence 0, and its key in ``in_blocks``)."""
+        import numpy as np
+
         added = known = 0
-        for chunk in map(ingest_columns, chunks):
+        for chunk in chunks:
+            keys, occurrences = keys_of(chunk)
+            held = in_blocks.holds(keys) & (np.asarray(occurrences) == 0)
+            known += int(held.sum())
+            if held.all():
+                continue
+            columns = ingest_columns(chunk)
+            if held.any():
+                columns = columns.only((~held).tolist())
             with self._transaction():
-                inserted = self._insert_rows(campaign, chunk)
+                inserted = self._insert_rows(campaign, columns)
             added += inserted
-            known += len(chunk.rows) - inserted
+            known += len(columns.rows) - inserted
         return IngestCounts(added, known)
+
+    def _keys_in_blocks(self, campaign: Campaign) -> SeenKeys:
+        """The keys of the rows still in blocks (every one's occurrence is 0)."""
+        keys = SeenKeys()
+        for block in self._blocks(campaign):
+            keys.count(self._untaken(block).keys())
+        return keys
 
     def _insert_rows(self, campaign: Campaign, chunk: IngestColumns) -> int:
         """Insert the rows not yet recorded (by key and occurrence); how many."""
@@ -595,21 +617,17 @@ class SqliteLedger(Ledger):
         count = 0
         for block in blocks if listed else ():
             columns = self._untaken(block).columns()
-            found = [i for i, email in enumerate(columns.emails) if email.lower() in listed]
-            if not found:
+            listed_here = [email.lower() in listed for email in columns.emails]
+            if not any(listed_here):
                 continue
-            inserted = self._insert_rows(
-                campaign,
-                IngestColumns(
-                    [columns.rows[i] for i in found],
-                    [columns.keys[i] for i in found],
-                    [columns.occurrences[i] for i in found],
-                    [columns.emails[i] for i in found],
-                    [columns.data[i] for i in found],
-                    ["suppressed"] * len(found),
-                    [f"address listed in {listed[columns.emails[i].lower()]} (--suppress)" for i in found],
-                ),
+            suppressed = columns.only(listed_here)
+            suppressed = suppressed._replace(
+                states=["suppressed"] * len(suppressed.rows),
+                reasons=[
+                    f"address listed in {listed[email.lower()]} (--suppress)" for email in suppressed.emails
+                ],
             )
+            inserted = self._insert_rows(campaign, suppressed)
             self._db.execute("UPDATE source_blocks SET ahead = ahead + ? WHERE id = ?", (inserted, block.id))
             count += inserted
         return count
@@ -637,6 +655,8 @@ class SqliteLedger(Ledger):
         now = time.time()
         with self._transaction():
             for state in states:
+                if state == "pending":  # the first ingest's rows first, in file order
+                    claimed.extend(self._claim_from_blocks(campaign, limit - len(claimed), now))
                 if len(claimed) >= limit:
                     break
                 condition, bound = claim_condition(state, due_before, settled_before)
@@ -650,8 +670,6 @@ class SqliteLedger(Ledger):
                     (campaign.id, state, *bound, limit - len(claimed)),
                 ).fetchone()[0]
                 rows = json.loads(found)
-                if state == "pending" and len(claimed) + len(rows) < limit:
-                    claimed.extend(self._claim_from_blocks(campaign, limit - len(claimed) - len(rows), now))
                 if not rows:
                     continue
                 self._db.execute(
@@ -660,7 +678,6 @@ class SqliteLedger(Ledger):
                     (now, json.dumps([r[0] for r in rows])),
                 )
                 claimed.extend(ClaimedRow(i, r, k, d, a, state) for i, r, k, d, a in rows)
-        claimed.sort(key=lambda row: row.id)
         return claimed
 
     def _claim_from_blocks(self, campaign: Campaign, limit: int, now: float) -> list[ClaimedRow]:
@@ -877,6 +894,10 @@ class _BlockRows:
         if self._values is None:
             self._values = [column.to_pylist() for column in self._batch.columns[1:]]
         return self._values
+
+    def keys(self) -> list[str]:
+        """The rows' keys (each row's occurrence is 0)."""
+        return pending_keys(self._layout, self._data_values())[1]
 
     def columns(self) -> IngestColumns:
         """The rows as ``pending`` rows are inserted, their data as JSON text."""

@@ -32,6 +32,7 @@ import os
 import warnings
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, overload
@@ -103,6 +104,18 @@ class IngestColumns(NamedTuple):
     states: list[str]
     reasons: list[str]
 
+    def only(self, keep: Sequence[bool]) -> IngestColumns:
+        """The rows where ``keep`` is true."""
+        return IngestColumns(
+            list(compress(self.rows, keep)),
+            list(compress(self.keys, keep)),
+            list(compress(self.occurrences, keep)),
+            list(compress(self.emails, keep)),
+            list(compress(self.data, keep)),
+            list(compress(self.states, keep)),
+            list(compress(self.reasons, keep)),
+        )
+
 
 class Layout(NamedTuple):
     """Where a file's columns are: their names, and the positions of the address and the ``--key``."""
@@ -171,6 +184,10 @@ class SourceChunk(Sequence[SourceRow]):
             [classes.reasons.get(i, "") for i in range(len(self))],
         )
 
+    def keys(self) -> tuple[list[str], list[int]]:
+        """Every row's key and occurrence."""
+        return self._classes.keys, self._classes.occurrences.tolist()
+
     def settled(self) -> list[SourceRow]:
         """The rows ingest already settled (invalid, duplicate, suppressed), in order."""
         return [self[i] for i in sorted(self._classes.states)]
@@ -211,6 +228,13 @@ class Classes(NamedTuple):
     emails: pa.StringArray
     states: dict[int, str]
     reasons: dict[int, str]
+
+
+def keys_of(chunk: Sequence[SourceRow]) -> tuple[list[str], list[int]]:
+    """Every row's key and occurrence: a :class:`SourceChunk`'s own, or any rows'."""
+    if isinstance(chunk, SourceChunk):
+        return chunk.keys()
+    return [r.key for r in chunk], [r.occurrence for r in chunk]
 
 
 def ingest_columns(chunk: Sequence[SourceRow]) -> IngestColumns:
@@ -338,7 +362,7 @@ class _Classifier:
         self._email_column = email_column
         self._key_column = key_column
         self._suppressed = suppressed
-        self._seen = _SeenKeys()
+        self._seen = SeenKeys()
 
     def __call__(self, first_row: int, values: pa.RecordBatch) -> Classes:
         import numpy as np
@@ -382,8 +406,8 @@ class _Classifier:
         return Classes(keys, occurrences, emails, states, reasons)
 
 
-class _SeenKeys:
-    """How many times each recipient key came before, in 16 bytes a key.
+class SeenKeys:
+    """How many times each recipient key came before, in 16 bytes a key; or a set of keys (:meth:`holds`).
 
     A dict of the key strings took about 110 MB for a million rows, a third of
     the dry run's memory target (issue 6). Each key is kept as two independent
@@ -407,8 +431,7 @@ class _SeenKeys:
         """Each key's occurrence: how often it came before, in earlier chunks or earlier in ``keys``."""
         import numpy as np
 
-        first = np.fromiter(map(_key_hash, keys), np.int64, len(keys))
-        second = np.fromiter(map(hash, map("\0".__add__, keys)), np.int64, len(keys))
+        first, second = _hash_pairs(keys)
         order = np.argsort(first, kind="stable")
         ordered = first[order]
         suspect = self._stored(ordered)  # rows whose first hash came before: in a run, or here
@@ -430,6 +453,22 @@ class _SeenKeys:
             self._counted[pair] = before + 1
         self._add_run(ordered[new], second[order[new]])
         return occurrences
+
+    def holds(self, keys: list[str]) -> npt.NDArray[np.bool_]:
+        """Which of ``keys`` were counted before (without counting them)."""
+        import numpy as np
+
+        first, second = _hash_pairs(keys)
+        held = np.zeros(len(keys), dtype=bool)
+        shared = np.zeros(len(keys), dtype=bool)  # a first hash that some counted key has
+        for firsts, seconds in self._runs:
+            at = np.minimum(np.searchsorted(firsts, first), len(firsts) - 1)
+            same_first = firsts[at] == first
+            held |= same_first & (seconds[at] == second)
+            shared |= same_first
+        for i in np.flatnonzero(shared & ~held).tolist():  # other keys have its first hash
+            held[i] = self._holds((int(first[i]), int(second[i])))
+        return held
 
     def _stored(self, ordered: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """For sorted first hashes: which some run holds (with any second hash)."""
@@ -459,6 +498,15 @@ class _SeenKeys:
             joined = np.concatenate((earlier, later))
             order = np.argsort(joined, kind="stable")  # a merge of two sorted runs
             runs.append((joined[order], np.concatenate((earlier_seconds, later_seconds))[order]))
+
+
+def _hash_pairs(keys: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Each key's two independent 64-bit hashes: of the key, and of the key after a NUL."""
+    import numpy as np
+
+    first = np.fromiter(map(_key_hash, keys), np.int64, len(keys))
+    second = np.fromiter(map(hash, map("\0".__add__, keys)), np.int64, len(keys))
+    return first, second
 
 
 def _parse_error(path: str, encoding: str, width: int, err: Exception) -> InputError:

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from mergekit.errors import InputError, LedgerBusyError, LedgerError
-from mergekit.ledger import STATES, Campaign, ClaimedRow, Ledger, RowUpdate, SqliteLedger, open_ledger
+from mergekit.ledger import (
+    STATES,
+    Campaign,
+    ClaimedRow,
+    IngestCounts,
+    Ledger,
+    RowUpdate,
+    SqliteLedger,
+    open_ledger,
+)
 from mergekit.source import SourceRow, read_rows
 
 
@@ -295,4 +304,20 @@ def test_a_bad_row_late_in_a_first_ingest_leaves_nothing(
         ledger.ingest(campaign, read_rows(path))
     assert caught.value.row == 7 and caught.value.line == 8
     assert sum(ledger.counts(campaign).values()) == 0
+    ledger.close()
+
+
+def test_rows_in_blocks_are_known_by_key_when_hashes_collide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed ingest matches rows still in blocks by their pair of hashes: a shared first hash
+    (forced here for every key) must not make a new row pass for a known one."""
+    monkeypatch.setattr("mergekit.source.CHUNK_ROWS", 4)
+    monkeypatch.setattr("mergekit.source._key_hash", lambda key: 0)
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    campaign = open_campaign(ledger)
+    ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 6)))
+    assert ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 6))) == IngestCounts(0, 6)
+    assert ledger.ingest(campaign, read_rows(write_recipients(tmp_path / "r.csv", 9))) == IngestCounts(3, 6)
+    assert [r.row for r in claim_all(ledger, campaign, 4)] == list(range(1, 10))
     ledger.close()
