@@ -1,7 +1,7 @@
 """The shared base of every HTTP email-API transport (issue 4).
 
-All HTTP lives here: one :class:`httpx.AsyncClient` per run (keep-alive, a pool
-of ``concurrency`` connections, timeouts, User-Agent, auth), the ``?base_url=``
+All HTTP lives here: ``concurrency`` :class:`httpx.AsyncClient` per run, one
+keep-alive connection each (timeouts, User-Agent, auth), the ``?base_url=``
 override every HTTP URL takes, status classing and JSON decoding. A provider
 file fills two hooks and nothing else:
 
@@ -141,7 +141,8 @@ class HttpTransport(Transport):
         if self.timeout <= 0:
             raise ConfigError("?timeout= must be a positive number of seconds", option="--transport")
         self._secrets: list[str] = []
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []  # one per connection, opened by open()
+        self._idle: list[httpx.AsyncClient] = []  # those no request is using
         self._slots: asyncio.Semaphore | None = None
         self._not_before = 0.0  # monotonic time before which no request leaves (after a 429)
         self.requests_made = 0  # every HTTP request sent, for reports and benchmarks
@@ -226,27 +227,37 @@ class HttpTransport(Transport):
     # -- the send loop ---------------------------------------------------------
 
     async def open(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            auth=self.auth(),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
-            limits=limits,
-            # pool=None: a request waits for a free connection as long as it takes;
-            # ``_slots`` already bounds how many wait.
-            timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
-            follow_redirects=False,
-        )
+        # One client of one connection per request in flight, not one client with a
+        # pool of ``concurrency``: httpcore's pool checks every connection it holds
+        # (a poll() each) twice per request, at 16 connections 0.15-0.5 CPU-ms of a
+        # 500-message Postmark request (issue 6, the HTTP path).
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        verify = httpx.create_ssl_context()  # one CA bundle load (~15 ms) for all of them
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                auth=self.auth(),
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
+                limits=limits,
+                verify=verify,
+                # pool=None: a request waits for its connection as long as it takes;
+                # ``_slots`` already bounds how many wait.
+                timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
+                follow_redirects=False,
+            )
+            for _ in range(self.concurrency)
+        ]
+        self._idle = list(self._clients)
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients, self._idle = self._clients, [], []
+        for client in clients:
+            await client.aclose()
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         """One outcome per message, in order; requests of one batch go concurrently."""
-        if self._client is None:
+        if not self._clients:
             raise TransportError("transport used before open()", transport=self.name, endpoint=self.base_url)
         requests = self.build_requests(messages)
         results = await asyncio.gather(*(self._exchange(request, messages) for request in requests))
@@ -262,7 +273,7 @@ class HttpTransport(Transport):
     async def _exchange(self, request: ApiRequest, messages: Sequence[Message]) -> list[Outcome]:
         carried = [messages[i] for i in request.indexes]
         count = len(carried)
-        assert self._client is not None and self._slots is not None
+        assert self._slots is not None
         async with self._slots:
             wait = self._not_before - time.monotonic()
             if wait > 0:
@@ -271,8 +282,9 @@ class HttpTransport(Transport):
             content, headers = request.content, request.headers
             if request.json is not None:
                 content, headers = json_bytes(request.json), {**headers, **JSON_CONTENT_TYPE}
+            client = self._idle.pop()  # there is one for every slot
             try:
-                async with self._client.stream(
+                async with client.stream(
                     request.method,
                     request.path,
                     data=_form(request.data),
@@ -297,6 +309,8 @@ class HttpTransport(Transport):
             except httpx.TransportError as err:
                 text = self.scrub(f"{self.name}: {type(err).__name__}: {err}")
                 return [Outcome.transient(None, text)] * count
+            finally:
+                self._idle.append(client)
         outcomes = self._classify(request, response, carried)
         if request.fallback and 400 <= response.status_code < 500 and response.status_code not in NO_FALLBACK:
             log.info(
