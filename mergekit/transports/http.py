@@ -449,20 +449,27 @@ def recipients(message: Message) -> Recipients:
     One pass over the parsed address headers: this runs once per message of
     every HTTP batch.
     """
-    found: dict[str, list[tuple[str, str]]] = {"from": [], "to": [], "cc": [], "reply-to": []}
+    sender: tuple[str, str] | None = None
+    to: list[tuple[str, str]] = []
+    cc: list[tuple[str, str]] = []
+    reply_to: list[tuple[str, str]] = []
     for name, pairs in message.addresses:
-        if name in found:
-            found[name].extend(pairs)
-    to, cc = found["to"], found["cc"]
-    shown = [address for _, address in to + cc]
-    if message.envelope_to == tuple(shown):  # the common case: no Bcc, no duplicate
-        bcc: list[tuple[str, str]] = []
-    else:
+        if name == "to":
+            to += pairs
+        elif name == "cc":
+            cc += pairs
+        elif name == "reply-to":
+            reply_to += pairs
+        elif name == "from" and sender is None and pairs:
+            sender = pairs[0]
+    shown = [address for _, address in to]
+    if cc:
+        shown += [address for _, address in cc]
+    bcc: list[tuple[str, str]] = []
+    if message.envelope_to != tuple(shown):  # the common case is equal: no Bcc, no duplicate
         comparable = {_comparable(address) for address in shown}
         bcc = [("", address) for address in message.envelope_to if _comparable(address) not in comparable]
-    senders = found["from"]
-    sender = senders[0] if senders else ("", message.envelope_from)
-    return Recipients(sender, to, cc, bcc, found["reply-to"])
+    return Recipients(sender or ("", message.envelope_from), to, cc, bcc, reply_to)
 
 
 def _comparable(address: str) -> str:
@@ -488,12 +495,27 @@ def format_addresses(pairs: list[tuple[str, str]]) -> str:
     return ", ".join([format_address(name, address) for name, address in pairs])
 
 
-def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:
-    """The headers an API takes as custom ones: all but the address fields; plus Message-ID."""
-    headers = [(name, value) for name, value in message.headers if name.lower() not in ADDRESS_FIELDS]
+def subject_and_headers(message: Message, *, message_id: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    """The Subject, and the headers an API takes as custom ones (all but the address fields; Message-ID).
+
+    One pass over the headers, for the APIs that want both.
+    """
+    subject: str | None = None
+    headers: list[tuple[str, str]] = []
+    for name, value in message.headers:
+        lowered = name.lower()
+        if lowered not in ADDRESS_FIELDS:
+            headers.append((name, value))
+        elif subject is None and lowered == "subject":
+            subject = value
     if message_id:
         headers.append(("Message-ID", message.message_id))
-    return headers
+    return subject or "", headers
+
+
+def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:
+    """The headers an API takes as custom ones: all but the address fields; plus Message-ID."""
+    return subject_and_headers(message, message_id=message_id)[1]
 
 
 def batch_key(prefix: str, messages: Sequence[Message]) -> str:
