@@ -342,7 +342,8 @@ class HttpTransport(Transport):
                 outcomes = self.parse_response(request, response, carried)
                 if len(outcomes) != count:
                     raise ValueError(f"{len(outcomes)} results for {count} messages")
-                return [self._scrubbed(outcome) for outcome in outcomes]
+                # Most outcomes have no text to scrub (a sent message's): skip the call.
+                return [self._scrubbed(outcome) if outcome.text else outcome for outcome in outcomes]
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                 text = f"{self.name}: HTTP {status}, reply unreadable ({err}); it may have been sent"
                 return [Outcome.unknown(self.scrub(text), status)] * count
