@@ -1,7 +1,7 @@
 """The shared base of every HTTP email-API transport (issue 4).
 
-All HTTP lives here: one :class:`httpx.AsyncClient` per run (keep-alive, a pool
-of ``concurrency`` connections, timeouts, User-Agent, auth), the ``?base_url=``
+All HTTP lives here: ``concurrency`` :class:`httpx.AsyncClient` per run, one
+keep-alive connection each (timeouts, User-Agent, auth), the ``?base_url=``
 override every HTTP URL takes, status classing and JSON decoding. A provider
 file fills two hooks and nothing else:
 
@@ -141,7 +141,8 @@ class HttpTransport(Transport):
         if self.timeout <= 0:
             raise ConfigError("?timeout= must be a positive number of seconds", option="--transport")
         self._secrets: list[str] = []
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []  # one per connection, opened by open()
+        self._idle: list[httpx.AsyncClient] = []  # those no request is using
         self._slots: asyncio.Semaphore | None = None
         self._not_before = 0.0  # monotonic time before which no request leaves (after a 429)
         self.requests_made = 0  # every HTTP request sent, for reports and benchmarks
@@ -226,27 +227,37 @@ class HttpTransport(Transport):
     # -- the send loop ---------------------------------------------------------
 
     async def open(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            auth=self.auth(),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
-            limits=limits,
-            # pool=None: a request waits for a free connection as long as it takes;
-            # ``_slots`` already bounds how many wait.
-            timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
-            follow_redirects=False,
-        )
+        # One client of one connection per request in flight, not one client with a
+        # pool of ``concurrency``: httpcore's pool checks every connection it holds
+        # (a poll() each) twice per request, at 16 connections 0.15-0.5 CPU-ms of a
+        # 500-message Postmark request (issue 6, the HTTP path).
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        verify = httpx.create_ssl_context()  # one CA bundle load (~15 ms) for all of them
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                auth=self.auth(),
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
+                limits=limits,
+                verify=verify,
+                # pool=None: a request waits for its connection as long as it takes;
+                # ``_slots`` already bounds how many wait.
+                timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
+                follow_redirects=False,
+            )
+            for _ in range(self.concurrency)
+        ]
+        self._idle = list(self._clients)
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients, self._idle = self._clients, [], []
+        for client in clients:
+            await client.aclose()
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         """One outcome per message, in order; requests of one batch go concurrently."""
-        if self._client is None:
+        if not self._clients:
             raise TransportError("transport used before open()", transport=self.name, endpoint=self.base_url)
         requests = self.build_requests(messages)
         results = await asyncio.gather(*(self._exchange(request, messages) for request in requests))
@@ -262,7 +273,7 @@ class HttpTransport(Transport):
     async def _exchange(self, request: ApiRequest, messages: Sequence[Message]) -> list[Outcome]:
         carried = [messages[i] for i in request.indexes]
         count = len(carried)
-        assert self._client is not None and self._slots is not None
+        assert self._slots is not None
         async with self._slots:
             wait = self._not_before - time.monotonic()
             if wait > 0:
@@ -271,8 +282,9 @@ class HttpTransport(Transport):
             content, headers = request.content, request.headers
             if request.json is not None:
                 content, headers = json_bytes(request.json), {**headers, **JSON_CONTENT_TYPE}
+            client = self._idle.pop()  # there is one for every slot
             try:
-                async with self._client.stream(
+                async with client.stream(
                     request.method,
                     request.path,
                     data=_form(request.data),
@@ -297,6 +309,8 @@ class HttpTransport(Transport):
             except httpx.TransportError as err:
                 text = self.scrub(f"{self.name}: {type(err).__name__}: {err}")
                 return [Outcome.transient(None, text)] * count
+            finally:
+                self._idle.append(client)
         outcomes = self._classify(request, response, carried)
         if request.fallback and 400 <= response.status_code < 500 and response.status_code not in NO_FALLBACK:
             log.info(
@@ -328,7 +342,8 @@ class HttpTransport(Transport):
                 outcomes = self.parse_response(request, response, carried)
                 if len(outcomes) != count:
                     raise ValueError(f"{len(outcomes)} results for {count} messages")
-                return [self._scrubbed(outcome) for outcome in outcomes]
+                # Most outcomes have no text to scrub (a sent message's): skip the call.
+                return [self._scrubbed(outcome) if outcome.text else outcome for outcome in outcomes]
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                 text = f"{self.name}: HTTP {status}, reply unreadable ({err}); it may have been sent"
                 return [Outcome.unknown(self.scrub(text), status)] * count
@@ -435,20 +450,27 @@ def recipients(message: Message) -> Recipients:
     One pass over the parsed address headers: this runs once per message of
     every HTTP batch.
     """
-    found: dict[str, list[tuple[str, str]]] = {"from": [], "to": [], "cc": [], "reply-to": []}
+    sender: tuple[str, str] | None = None
+    to: list[tuple[str, str]] = []
+    cc: list[tuple[str, str]] = []
+    reply_to: list[tuple[str, str]] = []
     for name, pairs in message.addresses:
-        if name in found:
-            found[name].extend(pairs)
-    to, cc = found["to"], found["cc"]
-    shown = [address for _, address in to + cc]
-    if message.envelope_to == tuple(shown):  # the common case: no Bcc, no duplicate
-        bcc: list[tuple[str, str]] = []
-    else:
+        if name == "to":
+            to += pairs
+        elif name == "cc":
+            cc += pairs
+        elif name == "reply-to":
+            reply_to += pairs
+        elif name == "from" and sender is None and pairs:
+            sender = pairs[0]
+    shown = [address for _, address in to]
+    if cc:
+        shown += [address for _, address in cc]
+    bcc: list[tuple[str, str]] = []
+    if message.envelope_to != tuple(shown):  # the common case is equal: no Bcc, no duplicate
         comparable = {_comparable(address) for address in shown}
         bcc = [("", address) for address in message.envelope_to if _comparable(address) not in comparable]
-    senders = found["from"]
-    sender = senders[0] if senders else ("", message.envelope_from)
-    return Recipients(sender, to, cc, bcc, found["reply-to"])
+    return Recipients(sender or ("", message.envelope_from), to, cc, bcc, reply_to)
 
 
 def _comparable(address: str) -> str:
@@ -474,12 +496,27 @@ def format_addresses(pairs: list[tuple[str, str]]) -> str:
     return ", ".join([format_address(name, address) for name, address in pairs])
 
 
-def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:
-    """The headers an API takes as custom ones: all but the address fields; plus Message-ID."""
-    headers = [(name, value) for name, value in message.headers if name.lower() not in ADDRESS_FIELDS]
+def subject_and_headers(message: Message, *, message_id: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    """The Subject, and the headers an API takes as custom ones (all but the address fields; Message-ID).
+
+    One pass over the headers, for the APIs that want both.
+    """
+    subject: str | None = None
+    headers: list[tuple[str, str]] = []
+    for name, value in message.headers:
+        lowered = name.lower()
+        if lowered not in ADDRESS_FIELDS:
+            headers.append((name, value))
+        elif subject is None and lowered == "subject":
+            subject = value
     if message_id:
         headers.append(("Message-ID", message.message_id))
-    return headers
+    return subject or "", headers
+
+
+def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[str, str]]:
+    """The headers an API takes as custom ones: all but the address fields; plus Message-ID."""
+    return subject_and_headers(message, message_id=message_id)[1]
 
 
 def batch_key(prefix: str, messages: Sequence[Message]) -> str:

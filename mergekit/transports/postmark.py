@@ -33,12 +33,12 @@ from .http import (
     JSON_CONTENT_TYPE,
     ApiRequest,
     HttpTransport,
-    custom_headers,
     format_address,
     format_addresses,
     json_body,
     json_bytes,
     recipients,
+    subject_and_headers,
 )
 
 MAX_REQUEST_BYTES = 50 * 1024 * 1024  # "up to 50 MB payload size, including attachments"
@@ -63,10 +63,11 @@ class PostmarkTransport(HttpTransport):
 
     def payload(self, message: Message) -> dict[str, Any]:
         people = recipients(message)
+        subject, headers = subject_and_headers(message)
         data: dict[str, Any] = {
             "From": format_address(*people.sender),
             "To": format_addresses(people.to),
-            "Subject": message.header("Subject"),
+            "Subject": subject,
         }
         if people.cc:
             data["Cc"] = format_addresses(people.cc)
@@ -78,7 +79,7 @@ class PostmarkTransport(HttpTransport):
             data["TextBody"] = message.text
         if message.html is not None:
             data["HtmlBody"] = message.html
-        data["Headers"] = [{"Name": n, "Value": v} for n, v in custom_headers(message)]
+        data["Headers"] = [{"Name": n, "Value": v} for n, v in headers]
         if message.attachments:
             data["Attachments"] = [
                 {
