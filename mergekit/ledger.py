@@ -505,7 +505,7 @@ class SqliteLedger(Ledger):
         """The keys of the rows still in blocks (every one's occurrence is 0)."""
         keys = SeenKeys()
         for block in self._blocks(campaign):
-            keys.count(self._untaken(block).keys())
+            keys.count(self._untaken(block).identities()[2])
         return keys
 
     def _insert_rows(self, campaign: Campaign, chunk: IngestColumns) -> int:
@@ -616,11 +616,11 @@ class SqliteLedger(Ledger):
             )
         count = 0
         for block in blocks if listed else ():
-            columns = self._untaken(block).columns()
-            listed_here = [email.lower() in listed for email in columns.emails]
+            part = self._untaken(block)
+            listed_here = [email.lower() in listed for email in part.identities()[1]]
             if not any(listed_here):
                 continue
-            suppressed = columns.only(listed_here)
+            suppressed = part.columns().only(listed_here)
             suppressed = suppressed._replace(
                 states=["suppressed"] * len(suppressed.rows),
                 reasons=[
@@ -799,24 +799,25 @@ class SqliteLedger(Ledger):
         yield from (row for _, row in merged)
 
     def _pending_in_blocks(self, campaign: Campaign) -> Iterator[tuple[tuple[int, int], LedgerRow]]:
-        """The rows still in blocks as ``report`` lists them, after their (row, occurrence)."""
-        for block in self._blocks(campaign):
-            ahead: set[tuple[str, int]] = set()
-            if block.ahead:  # rows a --suppress list took: recipients lists them
-                ahead = set(
-                    self._db.execute(
-                        "SELECT key, occurrence FROM recipients"
-                        " WHERE campaign_id = ? AND state = 'suppressed'",
-                        (campaign.id,),
-                    )
+        """The rows still in blocks as ``report`` lists them, after their (row, occurrence 0)."""
+        blocks = self._blocks(campaign)
+        ahead: set[str] = set()  # keys of rows a --suppress list took: recipients lists those
+        if any(block.ahead for block in blocks):
+            ahead = {
+                key
+                for (key,) in self._db.execute(
+                    "SELECT key FROM recipients WHERE campaign_id = ? AND state = 'suppressed'"
+                    " AND occurrence = 0",
+                    (campaign.id,),
                 )
-            columns = self._untaken(block).columns()
-            for row, key, occurrence, email in zip(*columns[:4], strict=True):
-                if (key, occurrence) not in ahead:
+            }
+        for block in blocks:
+            for row, email, key in zip(*self._untaken(block).identities(), strict=True):
+                if key not in ahead:
                     ledger_row = LedgerRow(
                         row, key, email, "pending", 0, None, "", "", "", None, 0, block.created_at
                     )
-                    yield (row, occurrence), ledger_row
+                    yield (row, 0), ledger_row
 
     # -- locking -------------------------------------------------------------
 
@@ -895,22 +896,20 @@ class _BlockRows:
             self._values = [column.to_pylist() for column in self._batch.columns[1:]]
         return self._values
 
-    def keys(self) -> list[str]:
-        """The rows' keys (each row's occurrence is 0)."""
-        return pending_keys(self._layout, self._data_values())[1]
+    def identities(self) -> tuple[list[int], list[str], list[str]]:
+        """The rows' numbers, addresses and keys (each row's occurrence is 0)."""
+        return self._batch.column(0).to_pylist(), *pending_keys(self._layout, self._data_values())
 
     def columns(self) -> IngestColumns:
         """The rows as ``pending`` rows are inserted, their data as JSON text."""
-        values = self._data_values()
-        rows = self._batch.column(0).to_pylist()
-        emails, keys = pending_keys(self._layout, values)
+        rows, emails, keys = self.identities()
         count = len(rows)
         return IngestColumns(
             rows,
             keys,
             [0] * count,
             emails,
-            json_objects(self._layout.names, values),
+            json_objects(self._layout.names, self._data_values()),
             ["pending"] * count,
             [""] * count,
         )
