@@ -28,7 +28,7 @@ import math
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -524,8 +524,7 @@ class Dispatcher:
             longest_retry_after = 0.0
             # After a throttle the batch size shrinks; a retry goes out in chunks of it, each
             # waiting for the rate limiter, rather than as one burst the server refuses again.
-            for start in range(0, len(remaining), self.batch_size):
-                chunk = remaining[start : start + self.batch_size]
+            for chunk in in_chunks(remaining, lambda: self.batch_size):
                 await self.limiter.acquire(len(chunk))
                 outcomes = await self._send([message for _, message in chunk], chunk)
                 final = last_try or self._stopping.is_set()
@@ -667,6 +666,19 @@ class Dispatcher:
         """Sleep, but wake at once when the run is stopped."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def in_chunks(items: Sequence[T], size: Callable[[], int]) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive chunks of ``size()`` each, read afresh for every chunk.
+
+    A throttle shrinks the batch size while a batch's chunks go out; chunks cut at
+    positions stepped by the size read once skipped rows, which stayed ``sending``.
+    """
+    start = 0
+    while start < len(items):
+        chunk = items[start : start + max(1, size())]
+        start += len(chunk)
+        yield chunk
 
 
 def _put_back(row: ClaimedRow) -> RowUpdate:
