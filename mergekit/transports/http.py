@@ -470,7 +470,8 @@ def recipients(message: Message) -> Recipients:
     if message.envelope_to != tuple(shown):  # the common case is equal: no Bcc, no duplicate
         comparable = {_comparable(address) for address in shown}
         bcc = [("", address) for address in message.envelope_to if _comparable(address) not in comparable]
-    return Recipients(sender or ("", message.envelope_from), to, cc, bcc, reply_to)
+    # The tuple built directly: a named tuple's generated __new__ is one more Python call a message.
+    return tuple.__new__(Recipients, (sender or ("", message.envelope_from), to, cc, bcc, reply_to))
 
 
 def _comparable(address: str) -> str:
@@ -493,6 +494,8 @@ def format_address(name: str, address: str) -> str:
 
 def format_addresses(pairs: list[tuple[str, str]]) -> str:
     """An address list as one string, ``"Name" <address>, …``, for APIs that take it so."""
+    if len(pairs) == 1:  # most To and Reply-To: no list to build and join
+        return format_address(*pairs[0])
     return ", ".join([format_address(name, address) for name, address in pairs])
 
 
