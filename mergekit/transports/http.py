@@ -98,8 +98,10 @@ class ApiRequest:
     """One HTTP request carrying the batch's messages at ``indexes``.
 
     Exactly one of ``json``, ``data``/``files`` (form) or ``content`` is the
-    body; ``json`` goes out through :func:`json_bytes`. ``context`` is the
-    provider's own note for its parser.
+    body; ``json`` goes out through :func:`json_bytes`. A form always goes as
+    ``multipart/form-data``, files or not: the one form encoding the provider
+    that takes forms documents (Mailgun), where httpx alone would send a form
+    without files urlencoded. ``context`` is the provider's own note for its parser.
     """
 
     indexes: list[int]
@@ -287,8 +289,7 @@ class HttpTransport(Transport):
                 async with client.stream(
                     request.method,
                     request.path,
-                    data=_form(request.data),
-                    files=request.files,
+                    files=_multipart(request.data, request.files),
                     content=content,
                     headers=headers,
                 ) as response:
@@ -383,14 +384,17 @@ class HttpTransport(Transport):
         return min(seconds, MAX_RETRY_AFTER) if seconds is not None else None
 
 
-def _form(fields: list[tuple[str, str]] | None) -> dict[str, list[str]] | None:
-    """Form fields as httpx takes them: a repeated name (Mailgun's ``to``) becomes a list."""
-    if fields is None:
+def _multipart(
+    fields: list[tuple[str, str]] | None, files: list[tuple[str, tuple[str, bytes, str]]] | None
+) -> list[tuple[str, tuple[str | None, bytes, str | None]]] | None:
+    """A form as httpx's multipart parts, in order: each field a part without a file name
+    (a plain form field, repeated names as repeated parts), then the files."""
+    if fields is None and files is None:
         return None
-    form: dict[str, list[str]] = {}
-    for name, value in fields:
-        form.setdefault(name, []).append(value)
-    return form
+    parts: list[tuple[str, tuple[str | None, bytes, str | None]]] = [
+        (name, (None, value.encode(), None)) for name, value in fields or ()
+    ]
+    return parts + list(files or ())
 
 
 def parse_retry_after(value: str) -> float | None:

@@ -7,7 +7,9 @@ Reference: https://documentation.mailgun.com/docs/mailgun/api-reference/openapi-
 https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/batch-sending,
 https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/test-mode.
 
-- ``POST /v3/{domain}/messages`` as a multipart form; Basic auth with user
+- ``POST /v3/{domain}/messages`` as ``multipart/form-data``, the only
+  request body its API document accepts, attachments or not (the base sends
+  every form so); Basic auth with user
   ``api`` and the key as password. Fields: ``from``, ``to`` (repeated),
   ``cc``, ``bcc``, ``subject``, ``text``, ``html``, ``h:<Header>``,
   ``attachment`` (files), ``o:testmode``.
@@ -115,8 +117,7 @@ class MailgunTransport(HttpTransport):
             fields.append(("html", message.html))
         fields += [(f"h:{name}", value) for name, value in custom_headers(message)]
         files = [("attachment", (a.filename, a.content, a.content_type)) for a in message.attachments]
-        # An empty files list still makes httpx send multipart, as Mailgun expects for files.
-        return ApiRequest([index], self.path, data=fields, files=files or None)
+        return ApiRequest([index], self.path, data=fields, files=files)
 
     def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:
         if self.plan is None:

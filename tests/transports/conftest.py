@@ -9,6 +9,7 @@ import pytest
 
 from tests.transports.api_campaign import ENV, SUMMARY
 from tests.transports.fakeapi import FakeApi
+from tests.transports.specs import SPEC_SUMMARY
 
 
 @pytest.fixture
@@ -27,11 +28,15 @@ def keys_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not SUMMARY:
-        return
-    columns = list(SUMMARY[0])
-    terminalreporter.section("HTTP transports: campaigns")
-    terminalreporter.write_line("| " + " | ".join(columns) + " |")
-    terminalreporter.write_line("|" + "---|" * len(columns))
-    for line in SUMMARY:
-        terminalreporter.write_line("| " + " | ".join(str(line[c]) for c in columns) + " |")
+    for title, table in (
+        ("HTTP transports: campaigns", SUMMARY),
+        ("HTTP transports: requests against the providers' documents", SPEC_SUMMARY),
+    ):
+        if not table:
+            continue
+        columns = list(table[0])
+        terminalreporter.section(title)
+        terminalreporter.write_line("| " + " | ".join(columns) + " |")
+        terminalreporter.write_line("|" + "---|" * len(columns))
+        for line in table:
+            terminalreporter.write_line("| " + " | ".join(str(line[c]) for c in columns) + " |")

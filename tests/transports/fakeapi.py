@@ -65,6 +65,16 @@ class Delivery:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Captured:
+    """One request exactly as it reached the server, to check against the provider's own API document."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]  # as received, names in their case, in order
+    body: bytes
+
+
 RESET = -1  # an injected "status": the connection drops in the middle of the reply
 TRUNCATED = -2  # an injected "status": a 200 whose body is cut short
 
@@ -92,6 +102,7 @@ class FakeApi:
         self.requests: Counter[str] = Counter()  # provider -> requests received
         self.request_times: list[tuple[str, float]] = []
         self.bad: set[str] = set()
+        self.captured: list[Captured] = []  # every POST, raw (tests/transports/specs.py checks them)
         self.seen_idempotency: dict[str, int] = {}
         self.keys_seen: list[str] = []  # Idempotency-Key of every request that had one
         self._injected: deque[Injected] = deque()
@@ -165,6 +176,8 @@ class FakeApi:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                with api._lock:
+                    api.captured.append(Captured("POST", self.path, list(self.headers.items()), body))
                 try:
                     status, payload, headers = api.handle(self.path, dict(self.headers.items()), body)
                 except Reply as reply:
@@ -640,6 +653,9 @@ def _parse_form(content_type: str, body: bytes) -> dict[str, list[str]]:
             name = part.get_param("name", header="content-disposition")
             if part.get_filename():
                 continue
-            form.setdefault(str(name), []).append(part.get_content())
+            # A field's text is UTF-8 (RFC 7578 section 5.1; what HTML forms and httpx send),
+            # not the us-ascii that a MIME text part without a charset would be read as
+            payload = part.get_payload(decode=True)
+            form.setdefault(str(name), []).append(payload.decode("utf-8") if payload else "")
         return form
     return parse_qs(body.decode(), keep_blank_values=True)
