@@ -257,10 +257,30 @@ class HttpTransport(Transport):
         for client in clients:
             await client.aclose()
 
+    def inexpressible(self, message: Message) -> str | None:
+        """Why no request the provider's API document allows can carry ``message``, or None.
+
+        Such a message is ``permanent`` with that reason and goes in no request: the
+        provider would refuse it anyway, and in a shared (substitution) request its
+        refusal would send every other message of the request again one by one.
+        """
+        return None
+
     async def send_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         """One outcome per message, in order; requests of one batch go concurrently."""
         if not self._clients:
             raise TransportError("transport used before open()", transport=self.name, endpoint=self.base_url)
+        refused = {i: why for i, m in enumerate(messages) if (why := self.inexpressible(m)) is not None}
+        if not refused:
+            return await self._send(messages)
+        kept = [i for i in range(len(messages)) if i not in refused]
+        outcomes = iter(await self._send([messages[i] for i in kept]) if kept else [])
+        return [
+            Outcome.permanent(None, f"{self.name}: {refused[i]}") if i in refused else next(outcomes)
+            for i in range(len(messages))
+        ]
+
+    async def _send(self, messages: Sequence[Message]) -> list[Outcome]:
         requests = self.build_requests(messages)
         results = await asyncio.gather(*(self._exchange(request, messages) for request in requests))
         outcomes: list[Outcome | None] = [None] * len(messages)

@@ -25,6 +25,10 @@ https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-ap
   values Jinja printed; the total of a personalization's substitutions is
   capped at 10,000 bytes, so a message past it goes on its own.
 - 429 carries ``X-RateLimit-Reset`` (a Unix time).
+- The request schema gives ``subject`` and each ``content`` value
+  ``minLength: 1``: a message with an empty Subject or an empty body is
+  ``permanent`` without a request (:meth:`SendgridTransport.inexpressible`),
+  and an empty text part beside an HTML one is left out.
 """
 
 from __future__ import annotations
@@ -81,6 +85,15 @@ class SendgridTransport(HttpTransport):
         self.plan = plan
         log.info("sendgrid: substitution path %s: %s", "on" if plan else "off", reason)
 
+    def inexpressible(self, message: Message) -> str | None:
+        # The API document's request schema: "subject": {"minLength": 1}, and "content" items'
+        # "value": {"minLength": 1}; without a template_id there is no other way to send.
+        if not message.header("Subject"):
+            return "SendGrid's API takes no empty Subject (its subject has minLength 1); give the row one"
+        if not message.text and not message.html:
+            return "SendGrid's API takes no empty body (its content value has minLength 1)"
+        return None
+
     def _tag(self, part: str, name: str) -> str:
         assert self.plan is not None
         return f"-{self._nonce}{part}{self.plan.body.names.index(name)}-"
@@ -91,9 +104,9 @@ class SendgridTransport(HttpTransport):
         if people.reply_to:
             data["reply_to_list"] = [_contact(*p) for p in people.reply_to]
         content = []
-        if message.text is not None:
+        if message.text:  # "value": {"minLength": 1}: an empty part is left out
             content.append({"type": "text/plain", "value": message.text})
-        if message.html is not None:
+        if message.html:
             content.append({"type": "text/html", "value": message.html})
         data["content"] = content
         if message.attachments:

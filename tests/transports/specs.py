@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import HTTP
+from email.utils import getaddresses
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ def document(provider: str) -> dict[str, Any]:
 
 
 def violations(provider: str, request: Captured) -> list[str]:
-    """What in ``request`` the provider's document does not allow; [] when it conforms."""
+    """What in ``request`` the provider's document does not allow; [] when it conforms.
+
+    Besides the schema, the rules the document states only in prose (see :data:`PROSE`).
+    """
     check = {
         "postmark": _swagger2,
         "resend": _openapi31,
@@ -75,7 +79,70 @@ def violations(provider: str, request: Captured) -> list[str]:
         "mailjet": _sdk_schema,
         "nylas": _sdk_schema,
     }[provider]
-    return check(document(provider), request)
+    problems = check(document(provider), request)
+    if provider in PROSE and _media_type(request) == "application/json":
+        body, _ = _json(request)
+        problems += PROSE[provider](body) if body is not None else []
+    return problems
+
+
+# -- rules the documents state in their descriptions, not in the schema ------------------
+
+# SendGrid's "headers" (mail and personalization): "You may not override the following headers"
+SENDGRID_RESERVED = frozenset(
+    h.lower()
+    for h in [
+        "x-sg-id",
+        "x-sg-eid",
+        "received",
+        "dkim-signature",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "To",
+        "From",
+        "Subject",
+        "Reply-To",
+        "CC",
+        "BCC",
+    ]
+)
+SENDGRID_BYTES = 10_000  # substitutions and custom_args: "may not exceed 10,000 bytes per personalization"
+POSTMARK_MAX_ADDRESSES = 50  # To, Cc, Bcc: "Multiple addresses are comma seperated. Max 50."
+
+
+def _sendgrid_prose(body: Any) -> list[str]:
+    problems = []
+    if not isinstance(body, dict):
+        return []
+    if "reply_to" in body and "reply_to_list" in body:
+        problems.append("reply_to and reply_to_list together (the document: 'but not both')")
+    blocks = [
+        ("body", body),
+        *((f"personalizations/{i}", p) for i, p in enumerate(body.get("personalizations", []))),
+    ]
+    for where, block in blocks:
+        reserved = SENDGRID_RESERVED.intersection(h.lower() for h in block.get("headers", {}))
+        if reserved:
+            problems.append(f"{where}/headers overrides reserved headers {sorted(reserved)}")
+        for name in ("substitutions", "custom_args"):
+            value = block.get(name)
+            size = len(json.dumps(value, ensure_ascii=False).encode()) if isinstance(value, dict) else 0
+            if size > SENDGRID_BYTES:
+                problems.append(f"{where}/{name} is {size} bytes, over {SENDGRID_BYTES}")
+    return problems
+
+
+def _postmark_prose(body: Any) -> list[str]:
+    problems = []
+    for index, message in enumerate(body if isinstance(body, list) else []):
+        for field in ("To", "Cc", "Bcc"):
+            value = message.get(field) if isinstance(message, dict) else None
+            if isinstance(value, str) and len(getaddresses([value])) > POSTMARK_MAX_ADDRESSES:
+                problems.append(f"body/{index}/{field}: more than {POSTMARK_MAX_ADDRESSES} addresses")
+    return problems
+
+
+PROSE: dict[str, Callable[[Any], list[str]]] = {"sendgrid": _sendgrid_prose, "postmark": _postmark_prose}
 
 
 # -- the request's parts ---------------------------------------------------------

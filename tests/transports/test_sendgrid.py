@@ -104,3 +104,28 @@ def test_markdown_template_goes_one_per_request_intact(
     assert api.requests["sendgrid"] == 8
     for delivery in api.deliveries:
         assert delivery.html is not None and "<strong>bold</strong>" in delivery.html
+
+
+@pytest.mark.parametrize("extra", ["", "substitution=false"])
+def test_empty_subject_or_body_fails_without_a_request(
+    api: FakeApi, keys_in_env: None, tmp_path: Path, extra: str
+) -> None:
+    # SendGrid's document gives subject and content values minLength 1: no request can carry them.
+    template = "From: ada@example.com\nTo: {{ email }}\nSubject: {{ subject }}\n\n{{ body }}"
+    rows = "email,subject,body\na@example.org,,text\nb@example.org,Hi,\nc@example.org,Hi,text\n"
+    (tmp_path / "people.csv").write_text(rows, encoding="utf-8")
+    (tmp_path / "t.txt").write_text(template, encoding="utf-8")
+    ledger = str(tmp_path / "ledger.db")
+    report = mergekit.send(
+        tmp_path / "people.csv",
+        tmp_path / "t.txt",
+        transport=url_for("sendgrid", api, extra),
+        ledger_path=ledger,
+    )
+    assert (report.run.counts["sent"], report.run.counts["failed"]) == (1, 2)
+    assert api.requests["sendgrid"] == 1
+    assert [d.to for d in api.deliveries] == [["c@example.org"]]
+    _, ledger_rows = mergekit.report(ledger_path=ledger)
+    reasons = {row.email: row.last_text for row in ledger_rows if row.state == "failed"}
+    assert "empty Subject" in reasons["a@example.org"]
+    assert "empty body" in reasons["b@example.org"]
