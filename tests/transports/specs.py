@@ -21,7 +21,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -36,7 +36,7 @@ from botocore.validate import ParamValidator
 from jsonschema import Draft4Validator, Draft202012Validator, FormatChecker
 from jsonschema.protocols import Validator
 from openapi_schema_validator import OAS31Validator
-from referencing import Registry, Resource
+from referencing import Registry, Resource, Specification
 from referencing.jsonschema import DRAFT4, DRAFT202012
 
 from tests.transports.fakeapi import Captured
@@ -80,10 +80,20 @@ def violations(provider: str, request: Captured) -> list[str]:
         "nylas": _sdk_schema,
     }[provider]
     problems = check(document(provider), request)
-    if provider in PROSE and _media_type(request) == "application/json":
-        body, _ = _json(request)
+    if provider in PROSE:
+        body = _body(request)
         problems += PROSE[provider](body) if body is not None else []
     return problems
+
+
+def _body(request: Captured) -> Any:
+    """The body as data: JSON's value, a form's fields (name -> values); None if it does not parse."""
+    if _media_type(request) == "multipart/form-data":
+        try:
+            return _fields(request)
+        except ValueError:
+            return None
+    return _json(request)[0]
 
 
 # -- rules the documents state in their descriptions, not in the schema ------------------
@@ -142,7 +152,26 @@ def _postmark_prose(body: Any) -> list[str]:
     return problems
 
 
-PROSE: dict[str, Callable[[Any], list[str]]] = {"sendgrid": _sendgrid_prose, "postmark": _postmark_prose}
+def _mailgun_prose(fields: Any) -> list[str]:
+    problems = []
+    if not any(name in fields for name in MAILGUN_BODY_FIELDS):
+        problems.append(f"none of {', '.join(MAILGUN_BODY_FIELDS)} (the operation needs one)")
+    options = sum(
+        len(name.encode()) + len(value.encode())
+        for name, values in fields.items()
+        for value in values
+        if name[:2] in {"o:", "h:", "v:", "t:"}
+    )
+    if options > MAILGUN_OPTIONS_LIMIT:
+        problems.append(f"o:/h:/v:/t: options total {options} bytes, over the 16KB limit")
+    return problems
+
+
+PROSE: dict[str, Callable[[Any], list[str]]] = {
+    "sendgrid": _sendgrid_prose,
+    "postmark": _postmark_prose,
+    "mailgun": _mailgun_prose,
+}
 
 
 # -- the request's parts ---------------------------------------------------------
@@ -208,22 +237,23 @@ def _pointer(*parts: str) -> str:
 
 def _oas31(doc: dict[str, Any], ref: str) -> Validator:
     """An OAS 3.1 validator of ``{"$ref": ref}`` resolved in ``doc``."""
-    registry: Registry[Any] = Registry().with_resource(
-        ROOT, Resource.from_contents(doc, default_specification=DRAFT202012)
-    )
     validator: Validator = OAS31Validator(
-        {"$ref": ROOT + ref}, registry=registry, format_checker=FormatChecker()
+        {"$ref": ROOT + ref}, registry=_registry(doc, DRAFT202012), format_checker=FormatChecker()
     )
     return validator
 
 
+def _registry(doc: dict[str, Any], specification: Specification[Any]) -> Registry[Any]:
+    """``doc`` registered as :data:`ROOT`, so ``#/…`` references resolve in it."""
+    return Registry().with_resource(ROOT, Resource.from_contents(doc, default_specification=specification))
+
+
 def _resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     """A ``$ref``'d parameter or request body, followed within ``doc``."""
+    resolver = _registry(doc, DRAFT202012).resolver(ROOT)
     while "$ref" in node:
-        target: Any = doc
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part.replace("~1", "/").replace("~0", "~")]
-        node = target
+        resolved = resolver.lookup(node["$ref"])
+        node, resolver = resolved.contents, resolved.resolver
     return node
 
 
@@ -245,13 +275,7 @@ def _openapi31(doc: dict[str, Any], request: Captured) -> list[str]:
     for index, raw in enumerate(operation.get("parameters", [])):
         parameter = _resolve(doc, raw)
         where, name = parameter["in"], parameter["name"]
-        value = (
-            path_values.get(name)
-            if where == "path"
-            else _header(request, name)
-            if where == "header"
-            else None
-        )
+        value = {"path": path_values.get(name), "header": _header(request, name)}.get(where)
         if value is None:
             if parameter.get("required"):
                 problems.append(f"required {where} parameter {name} is missing")
@@ -279,33 +303,43 @@ def _request_body(
     if media not in body["content"]:
         accepted = ", ".join(body["content"])
         return [f"Content-Type {media or 'absent'} is not one the operation accepts ({accepted})"]
-    validator = _oas31(doc, body_ref + "/" + _pointer("content", media, "schema")[2:])
+    schema_ref = body_ref + "/" + _pointer("content", media, "schema")[2:]
+    validator = _oas31(doc, schema_ref)
     if media == "application/json":
         instance, problems = _json(request)
         return problems or _schema_errors(validator, instance, "body")
     if media == "multipart/form-data":
-        return _form(validator, request)
+        return _form(validator, _resolve(doc, {"$ref": schema_ref}), request)
     return [f"no check written for {media}"]
 
 
 # -- multipart/form-data (Mailgun) ----------------------------------------------------
 
 
-def _parts(request: Captured) -> Iterator[Message]:
+def _parts(request: Captured) -> list[Message]:
     head = f"Content-Type: {_header(request, 'Content-Type')}\r\n\r\n".encode()
     message = BytesParser(policy=HTTP).parsebytes(head + request.body)
     if not message.is_multipart() or message.defects:
         raise ValueError(f"the multipart body does not parse ({message.defects})")
-    yield from message.iter_parts()
+    return list(message.iter_parts())
 
 
-def _form(validator: Validator, request: Captured) -> list[str]:
-    """Form fields as the schema's object: an array property takes the repeats, others one value."""
-    properties = _deref(validator, validator.schema).get("properties", {})
+def _fields(request: Captured) -> dict[str, list[str]]:
+    """A multipart form's fields, name -> values in order (files as their bytes read as UTF-8)."""
+    fields: dict[str, list[str]] = {}
+    for part in _parts(request):
+        payload = part.get_payload(decode=True)
+        name = part.get_param("name", header="content-disposition")
+        fields.setdefault(str(name), []).append(payload.decode("utf-8", "replace") if payload else "")
+    return fields
+
+
+def _form(validator: Validator, schema: dict[str, Any], request: Captured) -> list[str]:
+    """The form as the schema's object: an array property takes the repeats, others one value."""
+    properties = schema.get("properties", {})
     problems: list[str] = []
-    fields: dict[str, list[Any]] = {}
     try:
-        parts = list(_parts(request))
+        parts = _parts(request)
     except ValueError as err:
         return [str(err)]
     for part in parts:
@@ -319,31 +353,12 @@ def _form(validator: Validator, request: Captured) -> list[str]:
         if binary != is_file:
             said = "binary" if binary else "string"
             problems.append(f"field {name}: {'a file' if is_file else 'text'} where the schema says {said}")
-        payload = part.get_payload(decode=True)
-        fields.setdefault(name, []).append(payload.decode("utf-8", "replace") if payload else "")
-    # An array property takes the repeated values; any other takes one (a repeat is kept as a list,
-    # which the schema's "type" then refuses).
+    # A repeat of a property that is not an array is kept as a list, which its "type" then refuses.
     form = {
         name: values if properties.get(name, {}).get("type") == "array" or len(values) > 1 else values[0]
-        for name, values in fields.items()
+        for name, values in _fields(request).items()
     }
-    problems += _schema_errors(validator, form, "form")
-    if not any(name in form for name in MAILGUN_BODY_FIELDS):
-        problems.append(f"none of {', '.join(MAILGUN_BODY_FIELDS)} (the operation needs one)")
-    options = sum(
-        len(n.encode()) + len(str(v).encode()) for n, v in form.items() if n[:2] in {"o:", "h:", "v:", "t:"}
-    )
-    if options > MAILGUN_OPTIONS_LIMIT:
-        problems.append(f"o:/h:/v:/t: options total {options} bytes, over the 16KB limit")
-    return problems
-
-
-def _deref(validator: Validator, schema: dict[str, Any]) -> dict[str, Any]:
-    resolver = validator._resolver  # type: ignore[attr-defined]
-    while "$ref" in schema:
-        resolved = resolver.lookup(schema["$ref"])
-        schema, resolver = resolved.contents, resolved.resolver
-    return schema
+    return problems + _schema_errors(validator, form, "form")
 
 
 # -- Swagger 2.0 (Postmark) -------------------------------------------------------------
@@ -364,9 +379,7 @@ def _swagger2(doc: dict[str, Any], request: Captured) -> list[str]:
         problems.append(
             f"Content-Type {_media_type(request) or 'absent'} is not in consumes ({', '.join(consumes)})"
         )
-    registry: Registry[Any] = Registry().with_resource(
-        ROOT, Resource.from_contents(doc, default_specification=DRAFT4)
-    )
+    registry = _registry(doc, DRAFT4)
     for index, parameter in enumerate(operation.get("parameters", [])):
         ref = ROOT + _pointer("paths", template, request.method.lower(), "parameters", str(index))
         if parameter["in"] == "header":
@@ -428,7 +441,8 @@ def _botocore(doc: dict[str, Any], request: Captured) -> list[str]:
     if operation is None:
         return [f"no operation {request.method} {_path(request)} in the service model"]
     problems = []
-    if _media_type(request) != "application/json":  # rest-json: botocore's serializer sends application/json
+    # rest-json: botocore's serializer gives every structured body Content-Type application/json
+    if _media_type(request) != "application/json":
         problems.append(f"Content-Type {_media_type(request) or 'absent'} is not application/json")
     auth = _header(request, "Authorization") or ""
     signing = rf"AWS4-HMAC-SHA256 Credential=[^/]+/\d{{8}}/[a-z0-9-]+/{model.signing_name}/aws4_request, "
@@ -456,6 +470,8 @@ def _from_json(shape: Shape, value: Any, where: str, problem: Callable[[str], No
             for k, v in value.items()
         }
     if shape.type_name == "list" and isinstance(value, list):
+        if len(value) > shape.metadata.get("max", len(value)):
+            problem(f"{where}: more than {shape.metadata['max']} items")
         return [_from_json(shape.member, v, f"{where}[{i}]", problem) for i, v in enumerate(value)]  # type: ignore[attr-defined]
     if shape.type_name == "blob" and isinstance(value, str):
         try:
