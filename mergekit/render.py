@@ -28,7 +28,7 @@ import hashlib
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate, getaddresses
 from functools import lru_cache
 from pathlib import Path
@@ -334,12 +334,14 @@ class Template:
         wire.append(f"Message-ID: {message_id}")
         text = body.replace("\r\n", "\n").replace("\r", "\n")
         wire.append("MIME-Version: 1.0")
+        inline: dict[int, str] = {}  # index in ``attached`` -> Content-ID of an inline image
         if html is None and not attached:
             body_bytes, encoding = _encode_body(text)
             wire.append('Content-Type: text/plain; charset="utf-8"')
             wire.append(f"Content-Transfer-Encoding: {encoding}")
         else:
-            content_type, body_bytes = _multipart(message_id, text, html, attached)
+            html, inline = _inline_images(message_id, html, attached)
+            content_type, body_bytes = _multipart(message_id, text, html, attached, inline)
             wire.append(content_type)
         raw = ("\r\n".join(wire) + "\r\n\r\n").encode("ascii") + body_bytes
         return Message(
@@ -352,7 +354,10 @@ class Template:
             text=text,
             html=html,
             raw=raw,
-            attachments=tuple(item.attachment for _, item in attached),
+            attachments=tuple(
+                replace(item.attachment, content_id=inline[i]) if i in inline else item.attachment
+                for i, (_, item) in enumerate(attached)
+            ),
             addresses=tuple(parsed),
         )
 
@@ -657,34 +662,51 @@ def _join_parts(boundary: str, parts: list[bytes]) -> bytes:
     return b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode("ascii")
 
 
+def _inline_images(
+    message_id: str, html: str | None, attached: list[tuple[str, LoadedAttachment]]
+) -> tuple[str | None, dict[int, str]]:
+    """The HTML with ``cid:`` sources, and the Content-ID of each attachment it shows inline.
+
+    An attachment whose ``Attachment:`` value the HTML names as an image source
+    (``<img src="logo.png">``, mailmerge's inline images) is shown inline: the
+    ``src`` becomes ``cid:`` (RFC 2392). The same HTML and ids go to the raw
+    message (:func:`_multipart`) and to the HTTP APIs (``Attachment.content_id``).
+    """
+    inline: dict[int, str] = {}
+    if html is None:
+        return html, inline
+    seed = _seed(message_id)
+    for index, (value, _) in enumerate(attached):
+        source = re.compile(r"""(\ssrc\s*=\s*["'])""" + re.escape(_escape_attribute(value)) + r"""(["'])""")
+        if source.search(html):
+            inline[index] = f"part{index}.{seed}@mergekit"
+            html = source.sub(rf"\g<1>cid:{inline[index]}\g<2>", html)
+    return html, inline
+
+
+def _seed(message_id: str) -> str:
+    """What boundaries and Content-IDs are made of: fixed by the Message-ID, so a resent copy is the same."""
+    return hashlib.sha256(message_id.encode()).hexdigest()[:24]
+
+
 def _multipart(
-    message_id: str, text: str, html: str | None, attached: list[tuple[str, LoadedAttachment]]
+    message_id: str,
+    text: str,
+    html: str | None,
+    attached: list[tuple[str, LoadedAttachment]],
+    inline_ids: dict[int, str],
 ) -> tuple[str, bytes]:
     """The ``Content-Type`` header line and body of a multipart message (RFC 2046 5.1).
 
     Boundaries start with ``=_``, which quoted-printable and base64 bodies cannot
     contain; 7bit parts that happen to contain one are sent quoted-printable.
-
-    An attachment whose ``Attachment:`` value the HTML names as an image source
-    (``<img src="logo.png">``, mailmerge's inline images) becomes an inline part
-    of a ``multipart/related`` HTML part and the ``src`` becomes ``cid:`` (RFC 2387, 2392).
+    The attachments at ``inline_ids`` (see :func:`_inline_images`) go inline, in a
+    ``multipart/related`` HTML part (RFC 2387).
     """
-    seed = hashlib.sha256(message_id.encode()).hexdigest()[:24]
+    seed = _seed(message_id)
     alternative, mixed, related = f"=_alt_{seed}", f"=_mix_{seed}", f"=_rel_{seed}"
-    inline: list[bytes] = []
-    if html is not None and attached:
-        kept = []
-        for index, (value, item) in enumerate(attached):
-            source = re.compile(
-                r"""(\ssrc\s*=\s*["'])""" + re.escape(_escape_attribute(value)) + r"""(["'])"""
-            )
-            if source.search(html):
-                content_id = f"part{index}.{seed}@mergekit"
-                html = source.sub(rf"\g<1>cid:{content_id}\g<2>", html)
-                inline.append(item.inline_part(content_id))
-            else:
-                kept.append((value, item))
-        attached = kept
+    inline = [item.inline_part(inline_ids[i]) for i, (_, item) in enumerate(attached) if i in inline_ids]
+    attached = [pair for i, pair in enumerate(attached) if i not in inline_ids]
     if html is not None:
         html_text = html.replace("\r\n", "\n").replace("\r", "\n")
         html_part = _text_part("html", html_text, alternative)

@@ -71,11 +71,16 @@ class Outcome(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """A file carried by a message; ``content`` is shared between rows naming the same file."""
+    """A file carried by a message; ``content`` is shared between rows naming the same file.
+
+    ``content_id`` is set when the HTML part shows the file inline as ``cid:<content_id>``
+    (RFC 2392): HTTP APIs then send it as their inline attachment.
+    """
 
     filename: str
     content_type: str
     content: bytes
+    content_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,7 +116,13 @@ class MailgunTransport(HttpTransport):
         if message.html is not None:
             fields.append(("html", message.html))
         fields += [(f"h:{name}", value) for name, value in custom_headers(message)]
-        files = [("attachment", (a.filename, a.content, a.content_type)) for a in message.attachments]
+        # Mailgun names an ``inline`` file's Content-ID after its file name: the HTML's cid:.
+        files = [
+            ("inline", (a.content_id, a.content, a.content_type))
+            if a.content_id
+            else ("attachment", (a.filename, a.content, a.content_type))
+            for a in message.attachments
+        ]
         return ApiRequest([index], self.path, data=fields, files=files)
 
     def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:

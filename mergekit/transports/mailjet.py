@@ -76,15 +76,20 @@ class MailjetTransport(HttpTransport):
             data["TextPart"] = message.text
         if message.html is not None:
             data["HTMLPart"] = message.html
-        if message.attachments:
-            data["Attachments"] = [
-                {
-                    "ContentType": a.content_type,
-                    "Filename": a.filename,
-                    "Base64Content": base64.b64encode(a.content).decode("ascii"),
-                }
-                for a in message.attachments
-            ]
+        for name, files in (
+            ("Attachments", [a for a in message.attachments if not a.content_id]),
+            ("InlinedAttachments", [a for a in message.attachments if a.content_id]),
+        ):
+            if files:
+                data[name] = [
+                    {
+                        "ContentType": a.content_type,
+                        "Filename": a.filename,
+                        "Base64Content": base64.b64encode(a.content).decode("ascii"),
+                        **({"ContentID": a.content_id} if a.content_id else {}),
+                    }
+                    for a in files
+                ]
         return data
 
     def build_requests(self, messages: Sequence[Message]) -> list[ApiRequest]:

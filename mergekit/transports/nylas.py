@@ -79,6 +79,7 @@ class NylasTransport(HttpTransport):
                     "filename": a.filename,
                     "content_type": a.content_type,
                     "content": base64.b64encode(a.content).decode("ascii"),
+                    **({"content_id": a.content_id, "is_inline": True} if a.content_id else {}),
                 }
                 for a in message.attachments
             ]

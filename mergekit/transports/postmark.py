@@ -86,6 +86,8 @@ class PostmarkTransport(HttpTransport):
                     "Name": a.filename,
                     "Content": base64.b64encode(a.content).decode("ascii"),
                     "ContentType": a.content_type,
+                    # an inline image: "ContentID": "cid:…", which the HtmlBody's src names
+                    **({"ContentID": f"cid:{a.content_id}"} if a.content_id else {}),
                 }
                 for a in message.attachments
             ]

@@ -76,6 +76,8 @@ class ResendTransport(HttpTransport):
                     "filename": a.filename,
                     "content": base64.b64encode(a.content).decode("ascii"),
                     "content_type": a.content_type,
+                    # "Content ID for embedding inline images using cid references"
+                    **({"content_id": a.content_id} if a.content_id else {}),
                 }
                 for a in message.attachments
             ]

@@ -115,6 +115,7 @@ class SendgridTransport(HttpTransport):
                     "content": base64.b64encode(a.content).decode("ascii"),
                     "type": a.content_type,
                     "filename": a.filename,
+                    **({"disposition": "inline", "content_id": a.content_id} if a.content_id else {}),
                 }
                 for a in message.attachments
             ]

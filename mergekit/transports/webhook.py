@@ -15,7 +15,8 @@ The format is mergekit's own (docs/http-transports.md). Request::
     {"messages": [{"message_id", "row", "key", "from", "to": [...],
                    "headers": [[name, value], ...], "subject", "text", "html",
                    "raw": base64 RFC 5322 bytes,
-                   "attachments": [{"filename", "content_type", "content"}]}]}
+                   "attachments": [{"filename", "content_type", "content",
+                                    "content_id" (set when the HTML shows it as cid:)}]}]}
 
 Reply: ``200`` with ``{"results": [{"status": "sent"|"transient"|"permanent",
 "id": "…", "error": "…", "retry_after": seconds}]}`` in request order, or
@@ -89,6 +90,7 @@ class WebhookTransport(HttpTransport):
                     "filename": a.filename,
                     "content_type": a.content_type,
                     "content": base64.b64encode(a.content).decode("ascii"),
+                    "content_id": a.content_id,
                 }
                 for a in message.attachments
             ],

@@ -316,7 +316,8 @@ def _request_body(
 # -- multipart/form-data (Mailgun) ----------------------------------------------------
 
 
-def _parts(request: Captured) -> list[Message]:
+def form_parts(request: Captured) -> list[Message]:
+    """The parts of a ``multipart/form-data`` body; ValueError if it does not parse."""
     head = f"Content-Type: {_header(request, 'Content-Type')}\r\n\r\n".encode()
     message = BytesParser(policy=HTTP).parsebytes(head + request.body)
     if not message.is_multipart() or message.defects:
@@ -327,7 +328,7 @@ def _parts(request: Captured) -> list[Message]:
 def _fields(request: Captured) -> dict[str, list[str]]:
     """A multipart form's fields, name -> values in order (files as their bytes read as UTF-8)."""
     fields: dict[str, list[str]] = {}
-    for part in _parts(request):
+    for part in form_parts(request):
         payload = part.get_payload(decode=True)
         name = part.get_param("name", header="content-disposition")
         fields.setdefault(str(name), []).append(payload.decode("utf-8", "replace") if payload else "")
@@ -339,7 +340,7 @@ def _form(validator: Validator, schema: dict[str, Any], request: Captured) -> li
     properties = schema.get("properties", {})
     problems: list[str] = []
     try:
-        parts = _parts(request)
+        parts = form_parts(request)
     except ValueError as err:
         return [str(err)]
     for part in parts:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
+from email.parser import BytesParser
+from email.policy import HTTP
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import mergekit
 from mergekit.campaign import ContentOptions
 from tests.transports.api_campaign import FAST, NAMES, NASTY, TEMPLATE, url_for
 from tests.transports.fakeapi import KEYS, Captured, FakeApi
-from tests.transports.specs import SPEC_SUMMARY, violations
+from tests.transports.specs import SPEC_SUMMARY, form_parts, violations
 
 HTML = """\
 From: "Ada Ö. Lovelace" <ada@example.com>
@@ -90,6 +93,42 @@ PNG = base64.b64decode(
 )
 
 
+def _inline_shown(provider: str, request: Captured) -> list[tuple[str, set[str]]]:
+    """Each message's HTML and the Content-IDs the request sends as inline attachments for it."""
+    if provider == "mailgun":  # an ``inline`` file's name is its Content-ID
+        if "multipart/" not in dict(request.headers).get("Content-Type", ""):
+            return []  # main's urlencoded requests carried no file, so no HTML variant
+        named: dict[str, list[Any]] = {}
+        for part in form_parts(request):
+            named.setdefault(part.get_param("name", header="content-disposition"), []).append(part)
+        html = "".join(part.get_payload(decode=True).decode() for part in named.get("html", []))
+        return [(html, {str(part.get_filename()) for part in named.get("inline", [])})]
+    body = json.loads(request.body)
+    if provider == "ses":  # the raw message: its related parts' Content-ID headers
+        raw = BytesParser(policy=HTTP).parsebytes(base64.b64decode(body["Content"]["Raw"]["Data"]))
+        html_part = raw.get_body(("html",))
+        ids = {str(p["Content-ID"]).strip("<>") for p in raw.walk() if p["Content-ID"]}
+        return [(html_part.get_content() if html_part is not None else "", ids)]
+    if provider == "sendgrid":
+        html = next((c["value"] for c in body["content"] if c["type"] == "text/html"), "")
+        files = body.get("attachments", [])
+        return [(html, {a["content_id"] for a in files if a.get("disposition") == "inline"})]
+    if provider == "nylas":
+        files = body.get("attachments", [])
+        return [(body["body"], {a["content_id"] for a in files if a.get("is_inline")})]
+    # One entry per message: (its HTML field, its attachment list field, the Content-ID field and prefix)
+    html_field, files_field, key, prefix = {
+        "postmark": ("HtmlBody", "Attachments", "ContentID", "cid:"),
+        "resend": ("html", "attachments", "content_id", ""),
+        "mailjet": ("HTMLPart", "InlinedAttachments", "ContentID", ""),
+    }[provider]
+    messages = body["Messages"] if provider == "mailjet" else body if isinstance(body, list) else [body]
+    return [
+        (m.get(html_field, ""), {a[key].removeprefix(prefix) for a in m.get(files_field, []) if key in a})
+        for m in messages
+    ]
+
+
 def _campaign(folder: Path, template: str, suffix: str, count: int) -> tuple[Path, Path]:
     folder.mkdir()
     (folder / "logo.png").write_bytes(PNG)
@@ -142,11 +181,21 @@ def test_requests_conform_to_the_providers_document(
             assert all(row.last_text for row in rows if row.state == "failed"), rows
             delivered += counts["sent"]
     found = {}
+    inline_images = 0
     for index, request in enumerate(api.captured):
         paths.add(request.path.split("?")[0])
         problems = violations(provider, request)
+        for html, inline_ids in _inline_shown(provider, request):
+            if "<img" in html:  # the HTML variant: its logo.png is shown inline, by Content-ID
+                inline_images += 1
+                shown = set(re.findall(r'<img src="cid:([^"]+)"', html))
+                if not shown or shown != inline_ids:
+                    problems.append(
+                        f"inline image: the HTML shows {shown or html[:80]!r}, sent inline {inline_ids}"
+                    )
         if problems:
             found[index] = problems
+    assert inline_images == VARIANTS["html"][2] * len(EXTRAS[provider])
     SPEC_SUMMARY.append(
         {
             "provider": provider,
