@@ -97,7 +97,8 @@ class SesTransport(HttpTransport):
                 hint="Set the environment variables AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or AWS_PROFILE)",
             )
-        self._secrets += [s for s in (credentials.secret_key, credentials.token) if s]
+        self.scrub.add(credentials.secret_key)
+        self.scrub.add(credentials.token)
         self._credentials = Credentials(credentials.access_key, credentials.secret_key, credentials.token)
 
     def auth(self) -> httpx.Auth:
