@@ -32,6 +32,7 @@ import base64
 import binascii
 import html
 import json
+import logging
 import re
 from urllib.parse import quote, quote_plus
 
@@ -138,6 +139,22 @@ class Scrubber:
         if limit is not None and len(text) > limit:
             text = text[:limit] + "…"
         return text
+
+
+class ScrubbingFilter(logging.Filter):
+    """A logging filter that passes each record of its logger through a Scrubber.
+
+    For a library's own log lines that quote credentials (botocore's SigV4 signer
+    logs the canonical request, session token header included, at DEBUG).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrub = Scrubber()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        return True
 
 
 def _alternation(strings: set[str]) -> re.Pattern[str]:
