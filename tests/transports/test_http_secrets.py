@@ -26,6 +26,7 @@ from click.testing import CliRunner
 import mergekit
 from mergekit.cli import main
 from tests.conftest import run_cli
+from tests.smtpd import SmtpServer
 from tests.transports.api_campaign import ENV, make_campaign, url_for
 from tests.transports.fakeapi import FakeApi
 
@@ -169,3 +170,31 @@ def test_echoed_credentials_never_reach_ledger_report_json_or_logs(
         for how in encodings_found(blob, secret)
     }
     assert not leaks, sorted(leaks)[:10]
+
+
+def test_smtp_password_quoted_in_a_refusal_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SMTP transport's password goes through the same scrubber: a real server whose refusal
+    quotes AUTH PLAIN's base64 and the password URL-encoded."""
+    password = f"pw-{NASTY}-SECRET-3333"
+    plain = base64.b64encode(f"\0mailer\0{password}".encode()).decode()
+    server = SmtpServer(login=("mailer", password)).start()
+    try:
+        campaign = make_campaign(tmp_path, 2)
+        for row in campaign.rows:
+            server.handler.refuse[row["email"]] = f"550 you said AUTH PLAIN {plain} pw={quote(password)}"
+        monkeypatch.setenv("MERGEKIT_SMTP_PASSWORD", password)
+        mergekit.send(
+            campaign.csv, campaign.template, ledger_path=str(campaign.ledger),
+            transport=f"smtp://mailer@127.0.0.1:{server.port}?starttls=never",
+        )  # fmt: skip
+    finally:
+        server.stop()
+    records = json.loads(
+        CliRunner().invoke(main, ["report", "--ledger", str(campaign.ledger), "--format", "json"]).output
+    )
+    assert [r["last_code"] for r in records] == [550, 550]
+    assert all("you said AUTH PLAIN ***" in r["last_text"] for r in records), records[0]["last_text"]
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*")).decode("utf-8", "replace")
+    assert not encodings_found(stored + json.dumps(records), password)
