@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import mergekit
+from mergekit.transports.base import OUTCOME_TEXT_LIMIT
 from mergekit.transports.http import MAX_REPLY_BYTES
 from tests.conftest import run_cli
 from tests.transports.api_campaign import ENV, FAST, make_campaign, url_for
@@ -83,3 +84,25 @@ def test_flooding_body_is_not_read_past_the_cap(
     assert peak < 3 * MAX_REPLY_BYTES + 16 * 2**20, peak
     _, rows = mergekit.report(ledger_path=str(campaign.ledger))
     assert all("larger than" in row.last_text for row in rows), rows[0].last_text
+
+
+def test_stored_reply_text_and_provider_id_are_bounded(
+    api: FakeApi, tmp_path: Path, keys_in_env: None
+) -> None:
+    """A 2xx answer whose error text and id are 200,000 characters each: the ledger keeps 1,000."""
+    huge = "why " * 50_000
+    api.fail(
+        1, 200, body={"results": [{"status": "permanent", "error": huge}, {"status": "sent", "id": huge}]}
+    )
+    campaign = make_campaign(tmp_path, 2)
+    mergekit.send(
+        campaign.csv, campaign.template, transport=url_for("webhook", api),
+        ledger_path=str(campaign.ledger), options=FAST,
+    )  # fmt: skip
+    _, rows = mergekit.report(ledger_path=str(campaign.ledger))
+    failed, sent = sorted(rows, key=lambda row: row.state)
+    assert (failed.state, sent.state) == ("failed", "sent")
+    assert failed.last_text.startswith("webhook: why why") and failed.last_text.endswith("…")
+    assert len(failed.last_text) == OUTCOME_TEXT_LIMIT + 1
+    assert sent.provider_id is not None and len(sent.provider_id) == OUTCOME_TEXT_LIMIT + 1
+    assert sum(p.stat().st_size for p in tmp_path.glob("ledger.db*")) < 200_000

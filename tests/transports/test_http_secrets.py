@@ -63,7 +63,17 @@ def _lower_escapes(headers: dict[str, str]) -> str:
     )
 
 
+def _straddling(headers: dict[str, str]) -> str:
+    """The quoted headers placed so the first credential runs across the 300-character cut of an
+    error text (ERROR_TEXT_LIMIT): scrubbing after the cut would leave its first half."""
+    quoted = _quoted(headers)
+    value = next((headers[name] for name in CREDENTIAL_HEADERS if name in headers), "")
+    start = quoted.find(value.split(" ")[-1]) if value else 0
+    return "." * max(0, 290 - len("rejected ") - start) + " " + quoted
+
+
 ECHOES: dict[str, Callable[[dict[str, str]], str]] = {
+    "straddling the cut": _straddling,
     "raw": lambda h: "rejected request headers:\n" + _quoted(h),
     "json": lambda h: json.dumps({"detail": "rejected", "headers": _picked(h)}),
     "json-message": lambda h: json.dumps({"message": "rejected " + _quoted(h)}),
