@@ -18,7 +18,8 @@ What is replaced by ``***``:
   ``\\0user\\0password``, a whole header block): base64 of a string embedded at
   an offset depends on the offset modulo 3, so each secret gives three
   "cores", the characters its bytes alone decide at each alignment, and a run
-  holding one is removed whole;
+  holding one is removed whole (JSON's ``\\/`` and URL-encoded ``+``, ``/``,
+  ``=`` are read as the characters first, so they cannot split a run);
 - the credentials of any ``Bearer`` token (16 characters or more) or ``Basic``
   value (base64 of ``user:password``), known or not.
 
