@@ -439,6 +439,8 @@ def status(ledger_path: str, campaign: str | None, as_json: bool) -> None:
     sys.exit(campaign_exit_code(found))
 
 
+# What Excel and LibreOffice take as the start of a formula in a CSV cell (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 REPORT_FIELDS = (
     "row",
     "key",
@@ -484,10 +486,13 @@ def report(
                 out.write(("," if index else "") + "\n" + json.dumps(_report_record(row)))
             out.write("\n]\n")
         else:
-            writer = csv.DictWriter(out, fieldnames=REPORT_FIELDS, lineterminator="\n")
+            # Every text cell quoted, numbers bare: a spreadsheet reads a quoted cell as one cell.
+            writer = csv.DictWriter(
+                out, fieldnames=REPORT_FIELDS, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC
+            )
             writer.writeheader()
             for row in rows:
-                writer.writerow(_report_record(row))
+                writer.writerow(_spreadsheet_safe(_report_record(row)))
 
 
 def _report_record(row: Any) -> dict[str, Any]:
@@ -495,6 +500,19 @@ def _report_record(row: Any) -> dict[str, Any]:
     for name in ("next_attempt_at", "updated_at"):
         record[name] = campaigns.iso_time(record[name])
     return record
+
+
+def _spreadsheet_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with each text a spreadsheet would run as a formula prefixed by ``'``.
+
+    The OWASP rule for CSV injection: a cell that starts with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return. Addresses, keys and server replies come from
+    other people; ``--format json`` keeps them exact.
+    """
+    return {
+        name: "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+        for name, value in record.items()
+    }
 
 
 def _source(email_column: str, key_column: str | None, encoding: str) -> SourceOptions:

@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -576,6 +577,12 @@ class Dispatcher:
     async def _send(
         self, messages: list[Message], rows: Sequence[tuple[ClaimedRow, Message]]
     ) -> list[Outcome]:
+        """The batch's outcomes, every text scrubbed of the transport's secrets and bounded."""
+        return self.transport.clean(await self._send_raw(messages, rows))
+
+    async def _send_raw(
+        self, messages: list[Message], rows: Sequence[tuple[ClaimedRow, Message]]
+    ) -> list[Outcome]:
         try:
             outcomes = await self.transport.send_batch(messages)
         except TransportError as err:
@@ -597,7 +604,9 @@ class Dispatcher:
             )
             raise
         except Exception as err:  # a transport bug must not lose the batch's rows
-            log.exception("transport %s failed on a batch", self.transport.name)
+            # The traceback as scrubbed text: an exception's message may quote a reply.
+            trace = self.transport.scrub(traceback.format_exc())
+            log.error("transport %s failed on a batch\n%s", self.transport.name, trace)
             return [Outcome.unknown(f"transport error: {err}")] * len(messages)
         if len(outcomes) != len(messages):
             log.error(

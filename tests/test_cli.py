@@ -208,8 +208,8 @@ def test_report_csv_and_status_exit_codes(tmp_path: Path) -> None:
     code, _out, _ = invoke("report", "-o", "report.csv", cwd=tmp_path)
     assert code == 0
     lines = (tmp_path / "report.csv").read_text().splitlines()
-    assert lines[0].startswith("row,key,email,state,attempts,last_code,last_text")
-    assert len(lines) == 4 and all(",sent," in line for line in lines[1:])
+    assert lines[0].startswith('"row","key","email","state","attempts","last_code","last_text"')
+    assert len(lines) == 4 and all(',"sent",' in line for line in lines[1:])
     assert invoke("status", cwd=tmp_path)[0] == 0
     code, _, err = invoke("status", "--campaign", "nope", cwd=tmp_path)
     assert code == 2 and "there is no campaign 'nope'" in err

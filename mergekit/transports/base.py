@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple, Self
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from ..errors import ConfigError
+from .scrub import Scrubber
 
 if TYPE_CHECKING:
     from ..render import Template
@@ -128,6 +129,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# Characters of an outcome's text, and of a provider id, that the ledger keeps (README "Outcomes"):
+# a reply's first lines say why; a hostile server's megabytes would only fill the ledger.
+OUTCOME_TEXT_LIMIT = 1000
+
 SECRET_QUERY_KEYS = frozenset({"key", "api_key", "token", "secret", "password", "private"})
 
 
@@ -214,6 +219,31 @@ class Transport(ABC):
     def __init__(self, url: TransportURL, *, concurrency: int = 1) -> None:
         self.url = url
         self.concurrency = concurrency
+        # Every secret this transport holds, so that no text it lets out carries one.
+        self.scrub = Scrubber()
+
+    def clean(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """``outcomes`` with texts and provider ids scrubbed of secrets and cut to OUTCOME_TEXT_LIMIT.
+
+        Dispatch passes every outcome through here before it reaches the ledger, the
+        report or a log line: one place, whatever the transport or the path.
+        """
+        texts = {text for outcome in outcomes for text in (outcome.text, outcome.provider_id) if text}
+        if not texts:
+            return outcomes
+        # One search over the batch's texts (a batch's outcomes often share one text): most
+        # batches hold nothing to scrub, and each message's provider id would cost a search.
+        longest = max(map(len, texts))
+        if longest <= OUTCOME_TEXT_LIMIT and not self.scrub.suspects("\0".join(texts)):
+            return outcomes
+        clean = {text: self.scrub(text, OUTCOME_TEXT_LIMIT) for text in texts}
+        return [
+            outcome._replace(
+                text=clean.get(outcome.text, outcome.text),
+                provider_id=clean.get(outcome.provider_id or "", outcome.provider_id),
+            )
+            for outcome in outcomes
+        ]
 
     def prepare(self, template: Template) -> None:
         """Called once by dispatch with the campaign's compiled template, before ``open``.

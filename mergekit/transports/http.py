@@ -17,10 +17,13 @@ reply                       outcome of every message the request carried
 ==========================  ===============================================
 2xx, body parsed            what the provider's parser says
 2xx, body unreadable        ``unknown``: it may have been accepted; never ``sent``
+2xx, body not whole         ``unknown`` likewise: cut off, past ``?timeout=`` or
+                            past MAX_REPLY_BYTES (not read on)
 429                         ``transient``, with ``Retry-After`` (seconds or an
                             HTTP-date) or the provider's rate-limit reset header
 5xx                         ``transient`` (``Retry-After`` honoured if given)
-connection error, timeout   ``transient``
+connection error, timeout   ``transient``: no status line within ``?timeout=``,
+                            or another status whose body did not come whole
 other 4xx                   ``permanent``, or per message where the provider's
                             :meth:`HttpTransport.parse_error` says which
 ==========================  ===============================================
@@ -31,8 +34,12 @@ dispatch lowers the run's rate (:meth:`mergekit.dispatch.RateLimiter.throttle`).
 
 Secrets (API keys) are read once at construction from the URL or the
 environment; a missing one is a :class:`ConfigError` naming the variable, raised
-before anything is sent. They travel only in request headers, and every text
-that leaves a transport (outcome texts, errors) is scrubbed of them.
+before anything is sent. They travel only in request headers and are registered
+with the transport's :class:`~mergekit.transports.scrub.Scrubber`, which dispatch
+applies to every outcome (:meth:`~mergekit.transports.base.Transport.clean`).
+
+``?timeout=`` bounds a whole exchange (connect, send, the whole reply), not each
+read: see :meth:`HttpTransport._fetch`.
 """
 
 from __future__ import annotations
@@ -59,8 +66,12 @@ from .base import Message, Outcome, Transport, TransportURL, is_loopback
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to open a TCP+TLS connection to the API
-READ_TIMEOUT = 60.0  # seconds for a reply (``?timeout=``): a 500-message batch takes the provider a while
-WRITE_TIMEOUT = 60.0  # seconds to upload one request body (up to 50 MB on Postmark)
+# Seconds a whole exchange may take (``?timeout=``): connecting, sending the request (up
+# to 50 MB on Postmark) and reading the whole reply; a 500-message batch takes a while.
+EXCHANGE_TIMEOUT = 120.0
+# Bytes of a reply read at most: a 500-message result list is well under 1 MB; a bigger
+# body is not read on (a 2xx: ``unknown``), so a hostile server cannot fill the memory.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_RETRY_AFTER = 3600.0  # a Retry-After further out than this is capped: the row is deferred anyway
 ERROR_TEXT_LIMIT = 300  # characters of a provider's error body kept in an outcome's text
 # Refusals of a shared request that say nothing about its messages (auth, endpoint, rate):
@@ -137,12 +148,11 @@ class HttpTransport(Transport):
         super().__init__(url, concurrency=concurrency)
         self.base_url = self._base_url(url)
         try:
-            self.timeout = float(url.query.get("timeout", READ_TIMEOUT))
+            self.timeout = float(url.query.get("timeout", EXCHANGE_TIMEOUT))
         except ValueError:
             self.timeout = 0.0
         if self.timeout <= 0:
             raise ConfigError("?timeout= must be a positive number of seconds", option="--transport")
-        self._secrets: list[str] = []
         self._clients: list[httpx.AsyncClient] = []  # one per connection, opened by open()
         self._idle: list[httpx.AsyncClient] = []  # those no request is using
         self._slots: asyncio.Semaphore | None = None
@@ -186,15 +196,8 @@ class HttpTransport(Transport):
                 option="--transport",
                 hint=f"Set the environment variable {env}",
             )
-        self._secrets.append(value)
+        self.scrub.add(value)
         return value
-
-    def scrub(self, text: str) -> str:
-        """``text`` with every secret of this transport replaced by ``***``."""
-        for secret in self._secrets:
-            if secret and secret in text:
-                text = text.replace(secret, "***")
-        return text
 
     def auth(self) -> httpx.Auth | None:
         """The client's auth (Basic for Mailjet, Mailgun); headers carry the others."""
@@ -239,12 +242,18 @@ class HttpTransport(Transport):
             httpx.AsyncClient(
                 base_url=self.base_url,
                 auth=self.auth(),
-                headers={"User-Agent": USER_AGENT, "Accept": "application/json", **self.default_headers()},
+                headers={
+                    "User-Agent": USER_AGENT,
+                    "Accept": "application/json",
+                    # No compressed replies: the cap on a reply counts what is held in memory.
+                    "Accept-Encoding": "identity",
+                    **self.default_headers(),
+                },
                 limits=limits,
                 verify=verify,
                 # pool=None: a request waits for its connection as long as it takes;
-                # ``_slots`` already bounds how many wait.
-                timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=None),
+                # ``_slots`` already bounds how many wait. ``_fetch`` bounds the whole exchange.
+                timeout=httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout), pool=None),
                 follow_redirects=False,
             )
             for _ in range(self.concurrency)
@@ -306,32 +315,11 @@ class HttpTransport(Transport):
                 content, headers = json_bytes(request.json), {**headers, **JSON_CONTENT_TYPE}
             client = self._idle.pop()  # there is one for every slot
             try:
-                async with client.stream(
-                    request.method,
-                    request.path,
-                    files=_multipart(request.data, request.files),
-                    content=content,
-                    headers=headers,
-                ) as response:
-                    try:
-                        await response.aread()
-                    except httpx.TransportError as err:
-                        if not 200 <= response.status_code < 300:
-                            raise
-                        # The provider said 2xx, then the body broke off: it took the request,
-                        # but which messages it accepted is unknown. Never sent, never retried here.
-                        text = self.scrub(
-                            f"{self.name}: HTTP {response.status_code}, reply cut short "
-                            f"({type(err).__name__}); it may have been sent"
-                        )
-                        return [Outcome.unknown(text)] * count
-            except httpx.TimeoutException as err:
-                return [Outcome.transient(None, f"{self.name}: timed out ({type(err).__name__})")] * count
-            except httpx.TransportError as err:
-                text = self.scrub(f"{self.name}: {type(err).__name__}: {err}")
-                return [Outcome.transient(None, text)] * count
+                response = await self._fetch(client, request, content, headers)
             finally:
                 self._idle.append(client)
+        if not isinstance(response, httpx.Response):
+            return [response] * count
         outcomes = self._classify(request, response, carried)
         if request.fallback and 400 <= response.status_code < 500 and response.status_code not in NO_FALLBACK:
             log.info(
@@ -342,6 +330,53 @@ class HttpTransport(Transport):
             )
             return await self._exchange_each(request, messages)
         return outcomes
+
+    async def _fetch(
+        self, client: httpx.AsyncClient, request: ApiRequest, content: bytes | None, headers: dict[str, str]
+    ) -> httpx.Response | Outcome:
+        """The reply, read whole within ``?timeout=`` and MAX_REPLY_BYTES, or the outcome of its loss.
+
+        httpx's timeouts bound each read; a body that trickles a byte a second would
+        never trip them. The deadline here covers connect, send and the whole body.
+        """
+        status: int | None = None  # known once the status line is in
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with client.stream(
+                    request.method,
+                    request.path,
+                    files=_multipart(request.data, request.files),
+                    content=content,
+                    headers=headers,
+                ) as streamed:
+                    status = streamed.status_code
+                    body = await _read_capped(streamed)
+        except TimeoutError:
+            return self._lost(status, f"no whole reply within ?timeout={self.timeout:g} s")
+        except _TooLarge:
+            return self._lost(status, f"reply larger than {MAX_REPLY_BYTES:,} bytes, not read")
+        except httpx.TimeoutException as err:
+            return self._lost(status, f"timed out ({type(err).__name__})")
+        except httpx.TransportError as err:
+            return self._lost(status, f"{type(err).__name__}: {err}")
+        # The body as read, on a Response the provider parsers take as usual.
+        kept = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() != "content-encoding"]
+        return httpx.Response(
+            status, headers=kept, content=body, request=streamed.request, extensions=streamed.extensions
+        )
+
+    def _lost(self, status: int | None, why: str) -> Outcome:
+        """A reply that did not come whole: ``unknown`` after a 2xx, else ``transient``.
+
+        A 2xx says the provider took the request; which messages it accepted is in the
+        body it did not finish, so never ``sent``, never retried here. Before the status
+        line (or after another status) the messages are tried again.
+        """
+        if status is None:
+            return Outcome.transient(None, f"{self.name}: {why}")
+        if 200 <= status < 300:
+            return Outcome.unknown(f"{self.name}: HTTP {status}, {why}; it may have been sent")
+        return Outcome.transient(None, f"{self.name}: HTTP {status}, {why}")
 
     async def _exchange_each(self, request: ApiRequest, messages: Sequence[Message]) -> list[Outcome]:
         assert request.fallback is not None
@@ -363,12 +398,12 @@ class HttpTransport(Transport):
                 outcomes = self.parse_response(request, response, carried)
                 if len(outcomes) != count:
                     raise ValueError(f"{len(outcomes)} results for {count} messages")
-                # Most outcomes have no text to scrub (a sent message's): skip the call.
-                return [self._scrubbed(outcome) if outcome.text else outcome for outcome in outcomes]
+                return outcomes
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                 text = f"{self.name}: HTTP {status}, reply unreadable ({err}); it may have been sent"
-                return [Outcome.unknown(self.scrub(text), status)] * count
-        detail = self.scrub(f"{self.name}: HTTP {status}: {error_detail(response)}")
+                return [Outcome.unknown(text, status)] * count
+        # Scrubbed before the cut: a cut must not leave half a key for the scrubber to miss.
+        detail = f"{self.name}: HTTP {status}: " + self.scrub(error_detail(response), ERROR_TEXT_LIMIT)
         if status == 429 or status >= 500:
             retry_after = self.retry_after(response)
             if status == 429:
@@ -380,14 +415,8 @@ class HttpTransport(Transport):
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             specific = None
         if specific is not None and len(specific) == count:
-            return [self._scrubbed(outcome) for outcome in specific]
+            return specific
         return [Outcome.permanent(status, detail)] * count
-
-    def _scrubbed(self, outcome: Outcome) -> Outcome:
-        text = self.scrub(outcome.text)
-        if text == outcome.text:
-            return outcome
-        return Outcome(outcome.status, outcome.provider_id, outcome.code, text, outcome.retry_after)
 
     def retry_after(self, response: httpx.Response) -> float | None:
         """Seconds to wait: ``Retry-After`` (seconds or HTTP-date, RFC 9110 10.2.3), else the reset header."""
@@ -415,6 +444,25 @@ def _multipart(
         (name, (None, value.encode(), None)) for name, value in fields or ()
     ]
     return parts + list(files or ())
+
+
+class _TooLarge(Exception):
+    """A reply body past MAX_REPLY_BYTES."""
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    """The body, read as it streams in and dropped at MAX_REPLY_BYTES (:class:`_TooLarge`)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise _TooLarge
+    chunks = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_retry_after(value: str) -> float | None:
@@ -446,8 +494,8 @@ def error_detail(response: httpx.Response) -> str:
                 value = body[key]
                 text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
                 break
-    text = " ".join(text.split())
-    return text[:ERROR_TEXT_LIMIT] or response.reason_phrase
+    # Whole: the caller scrubs secrets before it cuts the text to ERROR_TEXT_LIMIT.
+    return " ".join(text.split()) or response.reason_phrase
 
 
 def json_body(response: httpx.Response) -> Any:

@@ -28,6 +28,7 @@ transient; ``MessageRejected`` and the like are 400: permanent.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from collections.abc import Generator, Sequence
 from typing import Any, ClassVar
@@ -42,6 +43,11 @@ from botocore.session import Session
 from ..errors import ConfigError
 from .base import Message, Outcome, TransportURL
 from .http import ApiRequest, HttpTransport, json_body, url_host
+from .scrub import ScrubbingFilter
+
+# botocore's signer logs the canonical request (the session token's header in it) at DEBUG:
+# every SES secret is scrubbed from its lines too (``mergekit --debug``).
+_SIGNER_LOG = ScrubbingFilter()
 
 
 class _SigV4(httpx.Auth):
@@ -97,7 +103,10 @@ class SesTransport(HttpTransport):
                 hint="Set the environment variables AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or AWS_PROFILE)",
             )
-        self._secrets += [s for s in (credentials.secret_key, credentials.token) if s]
+        for secret in (credentials.secret_key, credentials.token):
+            self.scrub.add(secret)
+            _SIGNER_LOG.scrub.add(secret)
+        logging.getLogger("botocore.auth").addFilter(_SIGNER_LOG)  # once: the same filter is kept once
         self._credentials = Credentials(credentials.access_key, credentials.secret_key, credentials.token)
 
     def auth(self) -> httpx.Auth:

@@ -37,7 +37,7 @@ import aiosmtplib
 from aiosmtplib import SMTPStatus
 
 from ..errors import ConfigError, TransportError
-from .base import Message, Outcome, Transport, TransportURL, is_loopback
+from .base import OUTCOME_TEXT_LIMIT, Message, Outcome, Transport, TransportURL, is_loopback
 from .pipelining import ReplyReader, send_pipelined
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class SmtpTransport(Transport):
         self._password = (
             unquote(parts.password) if parts.password else os.environ.get("MERGEKIT_SMTP_PASSWORD")
         )
+        self.scrub.add(self._password)  # a server may quote AUTH's base64 back in a reply
         try:
             port = parts.port
         except ValueError:
@@ -210,7 +211,8 @@ class SmtpTransport(Transport):
         except aiosmtplib.SMTPAuthenticationError as err:
             await _quietly_quit(connection)
             raise ConfigError(
-                f"{self.endpoint} refused the login for {self.username!r}: {err.code} {err.message}",
+                f"{self.endpoint} refused the login for {self.username!r}: "
+                f"{err.code} {self.scrub(err.message, OUTCOME_TEXT_LIMIT)}",
                 option="--transport",
                 hint="Check the user and password",
             ) from None
@@ -218,11 +220,11 @@ class SmtpTransport(Transport):
             connection.close()
             code = err.code if isinstance(err, aiosmtplib.SMTPResponseException) else None
             failure = TransportError(
-                f"cannot connect: {_describe(err)}",
+                self.scrub(f"cannot connect: {_describe(err)}", OUTCOME_TEXT_LIMIT),
                 transport=self.name,
                 endpoint=self.endpoint,
                 code=code,
-                reply=err.message if code is not None else None,
+                reply=self.scrub(err.message, OUTCOME_TEXT_LIMIT) if code is not None else None,
             )
             failure.greeting = isinstance(err, aiosmtplib.SMTPConnectResponseError)
             raise failure from None

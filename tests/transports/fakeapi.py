@@ -18,6 +18,7 @@ provider refuses, answered per message where the provider does so).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,6 +27,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -77,6 +79,7 @@ class Captured:
 
 RESET = -1  # an injected "status": the connection drops in the middle of the reply
 TRUNCATED = -2  # an injected "status": a 200 whose body is cut short
+STREAMED = -3  # an injected "status": a body streamed slowly (trickle) or without end (flood)
 
 
 @dataclass
@@ -85,6 +88,9 @@ class Injected:
     headers: dict[str, str]
     body: bytes
     delay: float = 0.0
+    echo: Callable[[dict[str, str]], bytes] | None = None  # the body, made from the request's headers
+    # status, bytes, bytes a write, seconds between writes, Content-Length sent
+    stream: tuple[int, int, int, float, bool] | None = None
 
 
 class Reply(Exception):
@@ -138,6 +144,18 @@ class FakeApi:
         for _ in range(times):
             self._injected.append(Injected(status, headers or {}, raw))
 
+    def echo(self, status: int, body: Callable[[dict[str, str]], bytes]) -> None:
+        """The next request gets ``status`` and ``body(its headers)``: a proxy that quotes the request."""
+        self._injected.append(Injected(status, {"Content-Type": "text/plain"}, b"", echo=body))
+
+    def stream(
+        self, status: int, size: int, *, chunk: int = 1 << 20, interval: float = 0.0, declared: bool = True
+    ) -> None:
+        """The next request gets ``status`` and a body of ``size`` bytes, written ``chunk`` bytes at a
+        time ``interval`` seconds apart (a trickle, or a flood); its length declared up front, or
+        (``declared=False``) only by the connection's close."""
+        self._injected.append(Injected(STREAMED, {}, b"", stream=(status, size, chunk, interval, declared)))
+
     def delay(self, seconds: float) -> None:
         """The next request is handled normally, but only after ``seconds``."""
         self._injected.append(Injected(0, {}, b"", seconds))
@@ -185,6 +203,9 @@ class FakeApi:
                 if status in (RESET, TRUNCATED):
                     self.broken_reply(status, payload)
                     return
+                if status == STREAMED:
+                    self.streamed_reply(*json.loads(payload))
+                    return
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -193,6 +214,31 @@ class FakeApi:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def streamed_reply(
+                self, status: int, size: int, chunk: int, interval: float, declared: bool
+            ) -> None:
+                """``size`` bytes of blanks, ``chunk`` at a time; stops when the client goes."""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if declared:
+                    self.send_header("Content-Length", str(size))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                piece = b" " * chunk
+                try:
+                    while size > 0:
+                        self.wfile.write(piece[:size])
+                        self.wfile.flush()
+                        size -= chunk
+                        time.sleep(interval)
+                except OSError:  # the client gave up: what the tests want
+                    pass
+                self.close_connection = True
+                if not declared:
+                    with contextlib.suppress(OSError):  # the client may have closed first
+                        self.connection.shutdown(socket.SHUT_RDWR)
 
             def broken_reply(self, how: int, payload: bytes) -> None:
                 """RESET: half a status line, then the connection closes. TRUNCATED: a 200 whose
@@ -222,6 +268,10 @@ class FakeApi:
             injected = self._injected.popleft() if self._injected else None
         if injected is not None and injected.delay:
             time.sleep(injected.delay)
+        if injected is not None and injected.echo is not None:
+            raise Reply(injected.status, injected.echo(headers), injected.headers)
+        if injected is not None and injected.stream is not None:
+            return STREAMED, json.dumps(injected.stream).encode(), {}
         if injected is not None and injected.status and injected.status != TRUNCATED:
             raise Reply(injected.status, injected.body, injected.headers)
         handler = getattr(self, f"_{provider}", None)
