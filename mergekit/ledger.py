@@ -25,10 +25,10 @@ resend rows uncounted, so mergekit does not offer it (README "Guarantees").
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import json
 import os
+import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +38,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .errors import LedgerBusyError, LedgerError
+from .ledger_file import LedgerFile
 from .source import (
     IngestColumns,
     Layout,
@@ -271,12 +272,14 @@ class Ledger(ABC):
         """Every recipient's record in row order, optionally only those in ``states``."""
 
     @abstractmethod
-    def lock_for_send(self, campaign: Campaign) -> None:
-        """Hold the campaign for this process until close; raise LedgerBusyError if held."""
+    def lock_for_send(self, campaign: str) -> None:
+        """Hold the ledger for sending campaign ``campaign`` (a name) until close; raise
+        LedgerBusyError if another run holds it. Called before anything is recorded, so a
+        refused run changes nothing."""
 
     @abstractmethod
     def is_locked(self, campaign: Campaign) -> bool:
-        """True while some process holds the campaign for sending."""
+        """True while some process holds the ledger for sending this campaign."""
 
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> SharedRateLimiter | None:
         """The campaign-wide limiter at ``per_second``, when several processes send one campaign.
@@ -358,8 +361,10 @@ class SqliteLedger(Ledger):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_file: int | None = None
+        self._sending: str | None = None  # the campaign this ledger holds the file for
         self._decoded: tuple[int, pa.RecordBatch] | None = None  # the block last read
+        # Before SQLite opens it: the send lock's descriptor must outlive every connection.
+        self._file = LedgerFile.open(path) if path != ":memory:" else None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -368,6 +373,8 @@ class SqliteLedger(Ledger):
             self._db.executescript(_SCHEMA)
             self._check_version()
         except sqlite3.DatabaseError as err:
+            if self._file is not None:
+                self._file.release()
             raise LedgerError(
                 f"cannot open the ledger: {err}",
                 path=path,
@@ -821,47 +828,58 @@ class SqliteLedger(Ledger):
 
     # -- locking -------------------------------------------------------------
 
-    def _lock_path(self, campaign: Campaign) -> str:
-        return f"{self.path}.{campaign.id}.lock"
-
-    def lock_for_send(self, campaign: Campaign) -> None:
-        if self.path == ":memory:":
+    def lock_for_send(self, campaign: str) -> None:
+        """One send per ledger FILE (any campaign): ``flock`` on the database file (see
+        :mod:`mergekit.ledger_file`), and who holds it in the ``meta`` table for the message."""
+        if self._file is None:
+            self._sending = campaign
             return
-        handle = os.open(self._lock_path(campaign), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(handle, 64).decode(errors="replace").strip() or "another process"
-            os.close(handle)
+        if not self._file.try_lock():
             raise LedgerBusyError(
-                f"campaign {campaign.name!r} is being sent by another mergekit (pid {holder})",
+                self._busy_message(),
                 path=self.path,
-                hint="Wait for it to finish (mergekit status shows progress), or stop it first",
-            ) from None
-        os.ftruncate(handle, 0)
-        os.write(handle, str(os.getpid()).encode())
-        self._lock_file = handle
+                hint="Wait for it to finish (mergekit status shows progress), or stop it first; "
+                "one send at a time per ledger file",
+            )
+        self._sending = campaign
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "campaign": campaign}
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sender', ?)", (json.dumps(holder),))
+
+    def _busy_message(self) -> str:
+        """Who holds the lock (campaign, pid, host if not this one), as the holder recorded it."""
+        holder = self._holder_record()
+        if not holder:
+            return "the ledger is being sent by another mergekit"
+        pid = str(holder["pid"])
+        if holder["host"] != socket.gethostname():
+            pid += f" on {holder['host']}"
+        return f"campaign {holder['campaign']!r} is being sent by another mergekit (pid {pid})"
+
+    def _holder_record(self) -> dict[str, Any]:
+        """What the run holding the lock recorded, unless it is an earlier (dead) run's record:
+        the holder may not have written its own yet."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'sender'").fetchone()
+        holder: dict[str, Any] = json.loads(found[0]) if found else {}
+        if not holder or (holder["host"] == socket.gethostname() and not _alive(holder["pid"])):
+            return {}
+        return holder
 
     def is_locked(self, campaign: Campaign) -> bool:
-        if self._lock_file is not None or self.path == ":memory:":
-            return self._lock_file is not None
-        try:
-            handle = os.open(self._lock_path(campaign), os.O_RDONLY)
-        except FileNotFoundError:
+        if self._sending is not None:
+            return self._sending == campaign.name
+        if self._file is None or not self._file.is_locked():
             return False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(handle)
-        return False
+        holder = self._holder_record()
+        return not holder or holder["campaign"] == campaign.name
 
     def close(self) -> None:
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
         self._db.close()
+        if self._file is not None:
+            if self._sending is not None:
+                self._file.unlock()
+            self._file.release()
+            self._file = None
+        self._sending = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -944,6 +962,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def claim_condition(

@@ -458,7 +458,7 @@ class PostgresLedger(Ledger):
 
     # -- workers, leases, rate -------------------------------------------------
 
-    def lock_for_send(self, campaign: Campaign) -> None:
+    def lock_for_send(self, campaign: str) -> None:
         """Nothing to hold: any number of workers send one campaign, each row under its own lease."""
 
     def is_locked(self, campaign: Campaign) -> bool:
