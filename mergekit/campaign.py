@@ -206,6 +206,7 @@ def _ingest_and_dispatch(
         allow_template_change=allow_template_change,
         settings={**campaign_settings(options), **content.settings()},
     )
+    compiled = compiled.with_identity(record.identity)
     counts = ledger.ingest(record, read_rows(recipients, source))
     recovered = ledger.recover(record)
     # After recover, so rows a crash left unknown are covered too; re-applies the
@@ -492,12 +493,12 @@ def _claimable(ledger: Ledger, record: Campaign, counts: dict[str, int], options
 
 
 def _compiled(record: Campaign) -> Template:
-    """The template and content options the campaign's ``send`` recorded."""
+    """The template and content options the campaign's ``send`` recorded, for its identity."""
     return _compile(
         TemplateSource.parse(record.template_source, path=record.template_path),
         record.name,
         ContentOptions.from_settings(record.settings),
-    )
+    ).with_identity(record.identity)
 
 
 def _transport_for(record: Campaign, url: str | None, options: SendOptions) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import time
@@ -58,12 +59,20 @@ if TYPE_CHECKING:
 STATES = ("pending", "sending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed", "unknown")
 # Rows still to be delivered: a campaign with any of these is resumable (exit 3).
 OPEN_STATES = frozenset({"pending", "sending", "deferred", "unknown"})
-SCHEMA_VERSION = 2  # 2: a first ingest's pending rows in blocks (source_blocks)
+# 2: a first ingest's pending rows in blocks (source_blocks); 3: campaigns.identity
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Campaign:
-    """A campaign as the ledger knows it; ``transport`` is the redacted URL of its last run."""
+    """A campaign as the ledger knows it; ``transport`` is the redacted URL of its last run.
+
+    ``identity`` is random, made when the campaign is created and kept for good: its
+    Message-IDs derive from it (:func:`~mergekit.render.make_message_id`), so every copy
+    within the campaign has one id and no other campaign, of any name, repeats it. A
+    campaign created before identities existed has its name as identity, which derives
+    the Message-IDs it was already sending with.
+    """
 
     id: int
     name: str
@@ -72,14 +81,30 @@ class Campaign:
     template_fingerprint: str
     transport: str
     created_at: float
+    identity: str
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Campaign:
         """From ``id, name, template_path, template_source, template_fingerprint, transport,
-        created_at, settings`` (settings as JSON text), the column order both engines select."""
-        campaign_id, name, path, source, fingerprint, transport, created_at, settings = row
-        return cls(campaign_id, name, path, source, fingerprint, transport, created_at, json.loads(settings))
+        created_at, settings, identity`` (settings as JSON text), the column order both engines select."""
+        campaign_id, name, path, source, fingerprint, transport, created_at, settings, identity = row
+        return cls(
+            campaign_id,
+            name,
+            path,
+            source,
+            fingerprint,
+            transport,
+            created_at,
+            identity,
+            json.loads(settings),
+        )
+
+
+def new_identity() -> str:
+    """A new campaign's identity: 128 random bits, never a name's (names are what it replaces)."""
+    return f"campaign:{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +330,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     transport TEXT NOT NULL,
     settings TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    identity TEXT NOT NULL DEFAULT ''  -- see Campaign; '' only before migration (_migrate)
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
@@ -367,14 +393,19 @@ class SqliteLedger(Ledger):
         self._file = LedgerFile.open(path) if path != ":memory:" else None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        except BaseException:
+            self.close()
+            raise
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._check_version()
-        except sqlite3.DatabaseError as err:
-            if self._file is not None:
-                self._file.release()
+        except BaseException as err:
+            self.close()
+            if not isinstance(err, sqlite3.DatabaseError):
+                raise
             raise LedgerError(
                 f"cannot open the ledger: {err}",
                 path=path,
@@ -392,6 +423,19 @@ class SqliteLedger(Ledger):
                 path=self.path,
                 hint="Upgrade mergekit, or use another --ledger",
             )
+        elif int(found[0]) < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a ledger of an earlier schema to this one in one transaction (its campaigns may be
+        live). 3: campaigns get an identity; one created before keeps its name as identity, which
+        derives the Message-IDs it has been sending with (unknown rows are resent with those)."""
+        with self._transaction():
+            columns = {column[1] for column in self._db.execute("PRAGMA table_info(campaigns)")}
+            if "identity" not in columns:  # (else another process migrated it meanwhile)
+                self._db.execute("ALTER TABLE campaigns ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+            self._db.execute("UPDATE campaigns SET identity = name WHERE identity = ''")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # -- campaigns -----------------------------------------------------------
 
@@ -414,7 +458,8 @@ class SqliteLedger(Ledger):
             if existing is None:
                 self._db.execute(
                     "INSERT INTO campaigns (name, template_path, template_source, template_fingerprint,"
-                    " transport, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " transport, settings, created_at, updated_at, identity)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         template_path,
@@ -424,6 +469,7 @@ class SqliteLedger(Ledger):
                         json.dumps(settings or {}),
                         now,
                         now,
+                        new_identity(),
                     ),
                 )
             else:
@@ -457,7 +503,7 @@ class SqliteLedger(Ledger):
     def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
         row = self._db.execute(
             "SELECT id, name, template_path, template_source, template_fingerprint, transport,"
-            f" created_at, settings FROM campaigns WHERE {where}",
+            f" created_at, settings, identity FROM campaigns WHERE {where}",
             args,
         ).fetchone()
         if row is None:
@@ -873,7 +919,8 @@ class SqliteLedger(Ledger):
         return not holder or holder["campaign"] == campaign.name
 
     def close(self) -> None:
-        self._db.close()
+        if hasattr(self, "_db"):
+            self._db.close()
         if self._file is not None:
             if self._sending is not None:
                 self._file.unlock()
