@@ -391,19 +391,19 @@ class SqliteLedger(Ledger):
         self._decoded: tuple[int, pa.RecordBatch] | None = None  # the block last read
         # Before SQLite opens it: the send lock's descriptor must outlive every connection.
         self._file = LedgerFile.open(path) if path != ":memory:" else None
+        db: sqlite3.Connection | None = None
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        except BaseException:
-            self.close()
-            raise
-        try:
+            db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._check_version()
         except BaseException as err:
-            self.close()
+            if db is not None:
+                db.close()
+            if self._file is not None:
+                self._file.release()
             if not isinstance(err, sqlite3.DatabaseError):
                 raise
             raise LedgerError(
@@ -919,8 +919,7 @@ class SqliteLedger(Ledger):
         return not holder or holder["campaign"] == campaign.name
 
     def close(self) -> None:
-        if hasattr(self, "_db"):
-            self._db.close()
+        self._db.close()
         if self._file is not None:
             if self._sending is not None:
                 self._file.unlock()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psycopg
 
+from mergekit import send
+from mergekit.dispatch import SendOptions
 from mergekit.ledger import Campaign, Ledger, RowUpdate, SqliteLedger, open_ledger
 from mergekit.render import TemplateSource
 from mergekit.source import read_rows
@@ -183,3 +185,16 @@ def test_identity_is_made_once_and_migrated_on_both_engines(ledger_location: str
         assert reopened.find_campaign("new").identity == new.identity
     finally:
         reopened.close()
+
+
+def test_render_processes_use_the_campaign_identity(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    """Templates cross to render processes pickled: the identity goes with them."""
+    recipients, template = write_campaign(tmp_path, 6)
+    options = SendOptions(render_processes=2, concurrency=2, batch_size=1)
+    report = send(recipients, template, transport=smtp_server.url, ledger_path=str(tmp_path / "l.db"),
+                  options=options)  # fmt: skip
+    assert report.exit_code == 0
+    received = _ids(smtp_server)
+    assert len(received) == 6
+    for rcpt, ids in received.items():
+        assert ids != [_name_derived("recipients-template", rcpt)]
