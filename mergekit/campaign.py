@@ -196,6 +196,7 @@ def _ingest_and_dispatch(
     on_start: Callable[[int, int], None] | None,
     content: ContentOptions,
 ) -> SendReport:
+    ledger.lock_for_send(name)  # first: a refused run records nothing (template, settings, rows)
     record = ledger.open_campaign(
         name,
         template_path=str(Path(source_template.path).resolve()),
@@ -205,7 +206,7 @@ def _ingest_and_dispatch(
         allow_template_change=allow_template_change,
         settings={**campaign_settings(options), **content.settings()},
     )
-    ledger.lock_for_send(record)
+    compiled = compiled.with_identity(record.identity)
     counts = ledger.ingest(record, read_rows(recipients, source))
     recovered = ledger.recover(record)
     # After recover, so rows a crash left unknown are covered too; re-applies the
@@ -327,7 +328,7 @@ def retry(
             )
         compiled = _compiled(record)
         sender = transport_from_url(url, concurrency=options.concurrency)
-        ledger.lock_for_send(record)
+        ledger.lock_for_send(record.name)
         recovered = ledger.recover(record)
         ledger.suppress(record, {})
         result = _dispatch(ledger, record, compiled, sender, options, on_progress, on_start)
@@ -425,7 +426,7 @@ async def _work(
                 await _sleep(stopping, poll)
                 continue
             if not locked:
-                ledger.lock_for_send(record)  # PostgreSQL: no-op; SQLite: this process alone
+                ledger.lock_for_send(record.name)  # PostgreSQL: no-op; SQLite: this process alone
                 locked = True
             recovered += ledger.recover(record)
             ledger.suppress(record, {})
@@ -492,12 +493,12 @@ def _claimable(ledger: Ledger, record: Campaign, counts: dict[str, int], options
 
 
 def _compiled(record: Campaign) -> Template:
-    """The template and content options the campaign's ``send`` recorded."""
+    """The template and content options the campaign's ``send`` recorded, for its identity."""
     return _compile(
         TemplateSource.parse(record.template_source, path=record.template_path),
         record.name,
         ContentOptions.from_settings(record.settings),
-    )
+    ).with_identity(record.identity)
 
 
 def _transport_for(record: Campaign, url: str | None, options: SendOptions) -> Any:

@@ -25,10 +25,11 @@ resend rows uncounted, so mergekit does not offer it (README "Guarantees").
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import json
 import os
+import secrets
+import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +39,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .errors import LedgerBusyError, LedgerError
+from .ledger_file import LedgerFile
 from .source import (
     IngestColumns,
     Layout,
@@ -57,12 +59,20 @@ if TYPE_CHECKING:
 STATES = ("pending", "sending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed", "unknown")
 # Rows still to be delivered: a campaign with any of these is resumable (exit 3).
 OPEN_STATES = frozenset({"pending", "sending", "deferred", "unknown"})
-SCHEMA_VERSION = 2  # 2: a first ingest's pending rows in blocks (source_blocks)
+# 2: a first ingest's pending rows in blocks (source_blocks); 3: campaigns.identity
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Campaign:
-    """A campaign as the ledger knows it; ``transport`` is the redacted URL of its last run."""
+    """A campaign as the ledger knows it; ``transport`` is the redacted URL of its last run.
+
+    ``identity`` is random, made when the campaign is created and kept for good: its
+    Message-IDs derive from it (:func:`~mergekit.render.make_message_id`), so every copy
+    within the campaign has one id and no other campaign, of any name, repeats it. A
+    campaign created before identities existed has its name as identity, which derives
+    the Message-IDs it was already sending with.
+    """
 
     id: int
     name: str
@@ -71,14 +81,30 @@ class Campaign:
     template_fingerprint: str
     transport: str
     created_at: float
+    identity: str
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Campaign:
         """From ``id, name, template_path, template_source, template_fingerprint, transport,
-        created_at, settings`` (settings as JSON text), the column order both engines select."""
-        campaign_id, name, path, source, fingerprint, transport, created_at, settings = row
-        return cls(campaign_id, name, path, source, fingerprint, transport, created_at, json.loads(settings))
+        created_at, settings, identity`` (settings as JSON text), the column order both engines select."""
+        campaign_id, name, path, source, fingerprint, transport, created_at, settings, identity = row
+        return cls(
+            campaign_id,
+            name,
+            path,
+            source,
+            fingerprint,
+            transport,
+            created_at,
+            identity,
+            json.loads(settings),
+        )
+
+
+def new_identity() -> str:
+    """A new campaign's identity: 128 random bits, never a name's (names are what it replaces)."""
+    return f"campaign:{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,12 +297,14 @@ class Ledger(ABC):
         """Every recipient's record in row order, optionally only those in ``states``."""
 
     @abstractmethod
-    def lock_for_send(self, campaign: Campaign) -> None:
-        """Hold the campaign for this process until close; raise LedgerBusyError if held."""
+    def lock_for_send(self, campaign: str) -> None:
+        """Hold the ledger for sending campaign ``campaign`` (a name) until close; raise
+        LedgerBusyError if another run holds it. Called before anything is recorded, so a
+        refused run changes nothing."""
 
     @abstractmethod
     def is_locked(self, campaign: Campaign) -> bool:
-        """True while some process holds the campaign for sending."""
+        """True while some process holds the ledger for sending this campaign."""
 
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> SharedRateLimiter | None:
         """The campaign-wide limiter at ``per_second``, when several processes send one campaign.
@@ -302,7 +330,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     transport TEXT NOT NULL,
     settings TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    identity TEXT NOT NULL DEFAULT ''  -- see Campaign; '' only before migration (_migrate)
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
@@ -358,16 +387,25 @@ class SqliteLedger(Ledger):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_file: int | None = None
+        self._sending: str | None = None  # the campaign this ledger holds the file for
         self._decoded: tuple[int, pa.RecordBatch] | None = None  # the block last read
+        # Before SQLite opens it: the send lock's descriptor must outlive every connection.
+        self._file = LedgerFile.open(path) if path != ":memory:" else None
+        db: sqlite3.Connection | None = None
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._check_version()
-        except sqlite3.DatabaseError as err:
+        except BaseException as err:
+            if db is not None:
+                db.close()
+            if self._file is not None:
+                self._file.release()
+            if not isinstance(err, sqlite3.DatabaseError):
+                raise
             raise LedgerError(
                 f"cannot open the ledger: {err}",
                 path=path,
@@ -385,6 +423,19 @@ class SqliteLedger(Ledger):
                 path=self.path,
                 hint="Upgrade mergekit, or use another --ledger",
             )
+        elif int(found[0]) < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a ledger of an earlier schema to this one in one transaction (its campaigns may be
+        live). 3: campaigns get an identity; one created before keeps its name as identity, which
+        derives the Message-IDs it has been sending with (unknown rows are resent with those)."""
+        with self._transaction():
+            columns = {column[1] for column in self._db.execute("PRAGMA table_info(campaigns)")}
+            if "identity" not in columns:  # (else another process migrated it meanwhile)
+                self._db.execute("ALTER TABLE campaigns ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+            self._db.execute("UPDATE campaigns SET identity = name WHERE identity = ''")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # -- campaigns -----------------------------------------------------------
 
@@ -407,7 +458,8 @@ class SqliteLedger(Ledger):
             if existing is None:
                 self._db.execute(
                     "INSERT INTO campaigns (name, template_path, template_source, template_fingerprint,"
-                    " transport, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " transport, settings, created_at, updated_at, identity)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         template_path,
@@ -417,6 +469,7 @@ class SqliteLedger(Ledger):
                         json.dumps(settings or {}),
                         now,
                         now,
+                        new_identity(),
                     ),
                 )
             else:
@@ -450,7 +503,7 @@ class SqliteLedger(Ledger):
     def _campaign_where(self, where: str, args: tuple[Any, ...]) -> Campaign | None:
         row = self._db.execute(
             "SELECT id, name, template_path, template_source, template_fingerprint, transport,"
-            f" created_at, settings FROM campaigns WHERE {where}",
+            f" created_at, settings, identity FROM campaigns WHERE {where}",
             args,
         ).fetchone()
         if row is None:
@@ -821,47 +874,58 @@ class SqliteLedger(Ledger):
 
     # -- locking -------------------------------------------------------------
 
-    def _lock_path(self, campaign: Campaign) -> str:
-        return f"{self.path}.{campaign.id}.lock"
-
-    def lock_for_send(self, campaign: Campaign) -> None:
-        if self.path == ":memory:":
+    def lock_for_send(self, campaign: str) -> None:
+        """One send per ledger FILE (any campaign): ``flock`` on the database file (see
+        :mod:`mergekit.ledger_file`), and who holds it in the ``meta`` table for the message."""
+        if self._file is None:
+            self._sending = campaign
             return
-        handle = os.open(self._lock_path(campaign), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(handle, 64).decode(errors="replace").strip() or "another process"
-            os.close(handle)
+        if not self._file.try_lock():
             raise LedgerBusyError(
-                f"campaign {campaign.name!r} is being sent by another mergekit (pid {holder})",
+                self._busy_message(),
                 path=self.path,
-                hint="Wait for it to finish (mergekit status shows progress), or stop it first",
-            ) from None
-        os.ftruncate(handle, 0)
-        os.write(handle, str(os.getpid()).encode())
-        self._lock_file = handle
+                hint="Wait for it to finish (mergekit status shows progress), or stop it first; "
+                "one send at a time per ledger file",
+            )
+        self._sending = campaign
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "campaign": campaign}
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sender', ?)", (json.dumps(holder),))
+
+    def _busy_message(self) -> str:
+        """Who holds the lock (campaign, pid, host if not this one), as the holder recorded it."""
+        holder = self._holder_record()
+        if not holder:
+            return "the ledger is being sent by another mergekit"
+        pid = str(holder["pid"])
+        if holder["host"] != socket.gethostname():
+            pid += f" on {holder['host']}"
+        return f"campaign {holder['campaign']!r} is being sent by another mergekit (pid {pid})"
+
+    def _holder_record(self) -> dict[str, Any]:
+        """What the run holding the lock recorded, unless it is an earlier (dead) run's record:
+        the holder may not have written its own yet."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'sender'").fetchone()
+        holder: dict[str, Any] = json.loads(found[0]) if found else {}
+        if not holder or (holder["host"] == socket.gethostname() and not _alive(holder["pid"])):
+            return {}
+        return holder
 
     def is_locked(self, campaign: Campaign) -> bool:
-        if self._lock_file is not None or self.path == ":memory:":
-            return self._lock_file is not None
-        try:
-            handle = os.open(self._lock_path(campaign), os.O_RDONLY)
-        except FileNotFoundError:
+        if self._sending is not None:
+            return self._sending == campaign.name
+        if self._file is None or not self._file.is_locked():
             return False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(handle)
-        return False
+        holder = self._holder_record()
+        return not holder or holder["campaign"] == campaign.name
 
     def close(self) -> None:
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
         self._db.close()
+        if self._file is not None:
+            if self._sending is not None:
+                self._file.unlock()
+            self._file.release()
+            self._file = None
+        self._sending = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -944,6 +1008,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def claim_condition(

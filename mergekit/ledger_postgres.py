@@ -57,13 +57,14 @@ from .ledger import (
     LedgerRow,
     RowUpdate,
     claim_condition,
+    new_identity,
 )
 from .source import SourceRow, ingest_columns
 from .transports.base import redact_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: mergekit_campaigns.identity (see Campaign)
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
 RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
 _SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
@@ -79,7 +80,8 @@ CREATE TABLE IF NOT EXISTS mergekit_campaigns (
     transport text NOT NULL,
     settings text NOT NULL DEFAULT '{}',
     created_at double precision NOT NULL,
-    updated_at double precision NOT NULL
+    updated_at double precision NOT NULL,
+    identity text NOT NULL DEFAULT ''  -- '' only before migration (_migrate)
 );
 CREATE TABLE IF NOT EXISTS mergekit_recipients (
     id bigserial PRIMARY KEY,
@@ -119,7 +121,8 @@ CREATE TABLE IF NOT EXISTS mergekit_rate (
 """
 
 _CAMPAIGN_COLUMNS = (
-    "id, name, template_path, template_source, template_fingerprint, transport, created_at, settings"
+    "id, name, template_path, template_source, template_fingerprint, transport, created_at, settings,"
+    " identity"
 )
 
 
@@ -186,6 +189,8 @@ class PostgresLedger(Ledger):
             found = self._db.execute("SELECT max(version) FROM mergekit_schema").fetchone()
             if found is None or found[0] is None:
                 self._db.execute("INSERT INTO mergekit_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif found[0] < SCHEMA_VERSION:
+                self._migrate()
             elif found[0] > SCHEMA_VERSION:
                 raise LedgerError(
                     f"the ledger was written by a newer mergekit (schema {found[0]}, "
@@ -193,6 +198,16 @@ class PostgresLedger(Ledger):
                     path=self.path,
                     hint="Upgrade mergekit on this machine, or use another --ledger",
                 )
+
+    def _migrate(self) -> None:
+        """Bring an earlier schema to this one (in the schema's transaction, under its lock).
+        2: campaigns get an identity; one created before keeps its name as identity, which
+        derives the Message-IDs it has been sending with (unknown rows are resent with those)."""
+        self._db.execute(
+            "ALTER TABLE mergekit_campaigns ADD COLUMN IF NOT EXISTS identity text NOT NULL DEFAULT ''"
+        )
+        self._db.execute("UPDATE mergekit_campaigns SET identity = name WHERE identity = ''")
+        self._db.execute("UPDATE mergekit_schema SET version = %s", (SCHEMA_VERSION,))
 
     # -- campaigns -----------------------------------------------------------
 
@@ -211,8 +226,8 @@ class PostgresLedger(Ledger):
         with self._db.transaction():
             self._db.execute(
                 "INSERT INTO mergekit_campaigns (name, template_path, template_source,"
-                " template_fingerprint, transport, settings, created_at, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                " template_fingerprint, transport, settings, created_at, updated_at, identity)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
                 (
                     name,
                     template_path,
@@ -222,6 +237,7 @@ class PostgresLedger(Ledger):
                     json.dumps(settings or {}),
                     now,
                     now,
+                    new_identity(),
                 ),
             )
             existing = self._campaign_where("name = %s FOR UPDATE", (name,))
@@ -458,7 +474,7 @@ class PostgresLedger(Ledger):
 
     # -- workers, leases, rate -------------------------------------------------
 
-    def lock_for_send(self, campaign: Campaign) -> None:
+    def lock_for_send(self, campaign: str) -> None:
         """Nothing to hold: any number of workers send one campaign, each row under its own lease."""
 
     def is_locked(self, campaign: Campaign) -> bool:

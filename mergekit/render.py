@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
 import re
 import time
@@ -42,7 +43,7 @@ from . import bodies
 from .attachments import AttachmentFolder, AttachmentRefused, LoadedAttachment
 from .errors import RenderError, TemplateError
 from .transports.base import Message
-from .unsubscribe import Unsubscribe
+from .unsubscribe import Unsubscribe, list_id_address
 
 # Private-use stand-ins for characters that must never reach a header from data.
 _HEADER_MARKERS = {"\r": "\ue000", "\n": "\ue001", "\x00": "\ue002"}
@@ -62,6 +63,7 @@ GENERATED_HEADERS = frozenset(
 # mailmerge's pseudo-header naming a file to attach; never written to the wire.
 ATTACHMENT_HEADER = "attachment"
 UNSUBSCRIBE_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
+LIST_ID_HEADER = "list-id"  # written with the unsubscribe headers, unless the template has its own
 # RFC 5322 2.1.1: lines SHOULD be at most 78 characters and MUST be at most 998.
 SOFT_LINE_LIMIT = 78
 HARD_LINE_LIMIT = 998
@@ -168,7 +170,10 @@ class Template:
 
     ``attachments_dir`` is where ``Attachment:`` paths and linked stylesheets
     resolve, and must stay (default: the template's folder); ``unsubscribe``
-    adds the List-Unsubscribe headers and the ``unsubscribe_url`` variable.
+    adds the List-Unsubscribe and List-Id headers and the ``unsubscribe_url``
+    variable. ``identity`` is the ledger's campaign identity, which Message-IDs
+    derive from (see :meth:`with_identity`); without one (a preview, which has
+    no ledger) it is the campaign name.
     """
 
     def __init__(
@@ -178,9 +183,11 @@ class Template:
         campaign: str,
         attachments_dir: str | Path | None = None,
         unsubscribe: Unsubscribe | None = None,
+        identity: str | None = None,
     ) -> None:
         self.source = source
         self.campaign = campaign
+        self.identity = campaign if identity is None else identity
         self.unsubscribe = unsubscribe
         self._attachments_dir = attachments_dir
         # Attachments and linked stylesheets resolve in one folder: --attachments-dir or the template's.
@@ -210,11 +217,25 @@ class Template:
                 self._markdown = False
         self._date = _DateCache()
 
+    def with_identity(self, identity: str) -> Template:
+        """This template for the ledger's campaign ``identity`` (compiled once, checked before
+        the ledger is opened, bound once the campaign is)."""
+        bound = copy.copy(self)
+        bound.identity = identity
+        return bound
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as what built it, so a render worker compiles its own copy."""
         return (
             _rebuild_template,
-            (self.source.text, self.source.path, self.campaign, self._attachments_dir, self.unsubscribe),
+            (
+                self.source.text,
+                self.source.path,
+                self.campaign,
+                self._attachments_dir,
+                self.unsubscribe,
+                self.identity,
+            ),
         )
 
     @classmethod
@@ -284,6 +305,7 @@ class Template:
         unsubscribe_email: str = "",
     ) -> Message:
         wire: list[str] = []
+        own_list_id = False
         shown: list[tuple[str, str]] = []
         envelope_from = ""
         envelope_to: list[str] = []
@@ -302,6 +324,7 @@ class Template:
                 continue
             if self.unsubscribe is not None and lowered in UNSUBSCRIBE_HEADERS:
                 continue
+            own_list_id |= lowered == LIST_ID_HEADER
             if lowered in ADDRESS_HEADERS:
                 try:
                     addresses, line = _address_header(name, value)
@@ -329,7 +352,11 @@ class Template:
             for name, value in self.unsubscribe.headers(self.campaign, key, unsubscribe_email):
                 wire.append(_fold(name, value))
                 shown.append((name, value))
-        message_id = make_message_id(self.campaign, key, message_id_domain)
+            if not own_list_id:
+                list_id = _format_address(self.campaign, list_id_address(self.campaign, message_id_domain))
+                wire.append(_fold("List-Id", list_id, addresses=True))
+                shown.append(("List-Id", list_id))
+        message_id = make_message_id(self.identity, key, message_id_domain)
         wire.append(f"Date: {self._date.now()}")
         wire.append(f"Message-ID: {message_id}")
         text = body.replace("\r\n", "\n").replace("\r", "\n")
@@ -368,18 +395,22 @@ def _rebuild_template(
     campaign: str,
     attachments_dir: str | Path | None,
     unsubscribe: Unsubscribe | None,
+    identity: str,
 ) -> Template:
     return Template(
         TemplateSource.parse(text, path=path),
         campaign=campaign,
         attachments_dir=attachments_dir,
         unsubscribe=unsubscribe,
+        identity=identity,
     )
 
 
-def make_message_id(campaign: str, key: str, domain: str) -> str:
-    """The same ``Message-ID`` every time for one recipient of one campaign, so copies collapse."""
-    digest = hashlib.sha256(f"{campaign}\x00{key}".encode()).hexdigest()[:32]
+def make_message_id(identity: str, key: str, domain: str) -> str:
+    """The same ``Message-ID`` every time for one recipient of one campaign, so copies collapse;
+    ``identity`` is the campaign's (see :class:`~mergekit.ledger.Campaign`), so no other
+    campaign repeats it, whatever its name."""
+    digest = hashlib.sha256(f"{identity}\x00{key}".encode()).hexdigest()[:32]
     return f"<{digest}@{domain}>"
 
 

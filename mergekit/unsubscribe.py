@@ -3,11 +3,15 @@
 Every message of a campaign sent with ``--unsubscribe-url`` and/or
 ``--unsubscribe-mailto`` carries ``List-Unsubscribe`` (RFC 2369) and, with an
 HTTPS URL, ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 3.1:
-the one-click POST needs an HTTPS URI). The URL's ``{token}`` is
+the one-click POST needs an HTTPS URI), and ``List-Id`` (RFC 2919, see
+:func:`list_id_address`). The URL's ``{token}`` is
 ``HMAC-SHA256(secret, campaign NUL key)``, truncated to 128 bits and written in
 URL-safe base64: the receiving endpoint recomputes it from the campaign and
 recipient key (``{campaign}``, ``{key}`` and ``{email}``, the row's ``email``
-column, are available in the URL too) to check a request is genuine. The secret comes from
+column, are available in the URL too) to check a request is genuine. The token
+uses the campaign's NAME, not its identity (which Message-IDs use): the
+endpoint knows the name, and a recipient of next month's campaign of the same
+name is the same subscriber of the same list. The secret comes from
 :data:`SECRET_VARIABLE` only, never from an option, so it stays out of shell
 history and the ledger.
 
@@ -24,6 +28,7 @@ import csv
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,9 @@ from .errors import ConfigError, InputError
 SECRET_VARIABLE = "MERGEKIT_UNSUBSCRIBE_SECRET"
 # Bytes of the HMAC kept in a token: 128 bits resist guessing, and keep URLs short.
 TOKEN_BYTES = 16
+# A List-Id label keeps this much of the campaign name (RFC 2919 bounds the whole id to 255 octets).
+LABEL_CHARACTERS = 64
+_NOT_LABEL = re.compile(r"[^A-Za-z0-9_-]+")  # runs a label writes as "-" (a dot-atom, less dots and symbols)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,19 @@ class Unsubscribe:
         if url:
             headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
         return headers
+
+
+def list_id_address(campaign: str, domain: str) -> str:
+    """``label.domain``, the part of ``List-Id`` in angle brackets (RFC 2919 2): ``domain`` is the
+    sender's (the From address's), the label the campaign name where it is a plain word
+    (letters, digits, ``-``, ``_``), else its runs of other characters as ``-`` and 8 hex digits
+    of its hash, so two names never share a list id. One campaign name, one list: next month's
+    campaign of the same name keeps it (receivers group and filter by it)."""
+    label = _NOT_LABEL.sub("-", campaign).strip("-")[:LABEL_CHARACTERS]
+    if label != campaign:
+        suffix = hashlib.sha256(campaign.encode()).hexdigest()[:8]
+        label = f"{label}-{suffix}" if label else f"campaign-{suffix}"
+    return f"{label}.{domain}"
 
 
 def read_suppression(paths: Iterable[str | Path], *, email_column: str = "email") -> dict[str, str]:

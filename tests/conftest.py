@@ -24,6 +24,9 @@ from mergekit.ledger import Ledger, open_ledger
 from tests.smtpd import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses (``python -m mergekit`` run in a test's folder) import this checkout's mergekit,
+# not the one an editable install points at (another worktree's).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

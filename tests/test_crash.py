@@ -32,7 +32,7 @@ def test_sigkill_then_resume_loses_nothing(mode: str, tmp_path: Path) -> None:
 
 
 def test_second_send_is_refused_while_the_first_runs(tmp_path: Path) -> None:
-    server = SmtpServer(data_delay=0.005).start()
+    server = SmtpServer(data_delay=0.02).start()  # 4 s or more: the second run starts and ends within
     try:
         recipients, template = write_campaign(tmp_path, 400)
         args = send_command(recipients, template, f"smtp://127.0.0.1:{server.port}", *CRASH_OPTIONS)
@@ -49,7 +49,7 @@ def test_second_send_is_refused_while_the_first_runs(tmp_path: Path) -> None:
         assert second.stderr == (
             f"Error: ledger mergekit.db: campaign 'recipients-template' is being sent by another "
             f"mergekit (pid {first.pid}). Wait for it to finish (mergekit status shows progress), "
-            "or stop it first\n"
+            "or stop it first; one send at a time per ledger file\n"
         )
         assert second.stdout == ""
         _out, err = first.communicate(timeout=120)

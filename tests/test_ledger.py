@@ -183,10 +183,10 @@ def test_send_lock_is_exclusive(tmp_path: Path) -> None:
     first, second = SqliteLedger(path), SqliteLedger(path)
     try:
         campaign = open_campaign(first)
-        first.lock_for_send(campaign)
+        first.lock_for_send(campaign.name)
         assert second.is_locked(second.find_campaign("c"))
         with pytest.raises(LedgerBusyError, match="another mergekit"):
-            second.lock_for_send(second.find_campaign("c"))
+            second.lock_for_send("another campaign")  # one send per ledger file
     finally:
         first.close()
         second.close()

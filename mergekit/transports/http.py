@@ -595,7 +595,7 @@ def custom_headers(message: Message, *, message_id: bool = True) -> list[tuple[s
 
 
 def batch_key(prefix: str, messages: Sequence[Message]) -> str:
-    """An idempotency key from the batch's Message-IDs (which derive from campaign and row key).
+    """An idempotency key from the batch's Message-IDs (from the campaign identity and row key).
 
     The same messages give the same key on every retry and after a resume, so a
     provider that honours the key collapses a duplicate; 64 hex characters fit

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import mergekit
+from mergekit.ledger import RowUpdate, open_ledger
 from tests.transports.api_campaign import FAST, make_campaign, run_campaign, url_for
 from tests.transports.fakeapi import FakeApi
 
@@ -21,14 +22,12 @@ def test_replayed_request_is_not_sent_twice(api: FakeApi, keys_in_env: None, tmp
     mergekit.send(
         campaign.csv, campaign.template, transport=url, ledger_path=str(campaign.ledger), options=FAST
     )
-    # The same campaign into a fresh ledger: same Message-IDs, so the same keys.
-    mergekit.send(
-        campaign.csv,
-        campaign.template,
-        transport=url,
-        ledger_path=str(tmp_path / "other.db"),
-        campaign="recipients-welcome",
-        options=FAST,
-    )
+    # Its rows sent again as after a lost reply (unknown, then resent): same Message-IDs, same keys.
+    ledger = open_ledger(str(campaign.ledger))
+    record = ledger.find_campaign(None)
+    sent = ledger.claim(record, 10, states=["sent"], due_before=None)
+    ledger.record(record, [RowUpdate(row.id, "unknown", attempted=False) for row in sent])
+    ledger.close()
+    mergekit.retry(ledger_path=str(campaign.ledger), transport=url, options=FAST)
     assert api.requests["nylas"] == 8
     assert len(api.deliveries) == 4
