@@ -129,11 +129,10 @@ class ReplyReader(asyncio.Protocol):
 
     def _answer(self, reply: Reply) -> None:
         """Queue ``reply`` as the answer to the oldest command awaiting one, if it can be."""
-        seen = f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}".strip()[:80]
         if not self._awaiting:
-            self._drop(f"{OUT_OF_STEP}: {seen!r} answers no command")
+            self._drop(f"{OUT_OF_STEP}: {_shown(reply)} answers no command")
         elif not fits(command := self._awaiting.popleft(), reply.code):
-            self._drop(f"{OUT_OF_STEP}: {seen!r} cannot answer {command}")
+            self._drop(f"{OUT_OF_STEP}: {_shown(reply)} cannot answer {command}")
         else:
             self._replies.append(reply)
 
@@ -221,6 +220,11 @@ class ReplyReader(asyncio.Protocol):
             and (len(self._replies) >= self._wanted or self._gone is not None)
         ):
             waiter.set_result(None)
+
+
+def _shown(reply: Reply) -> str:
+    """A reply's code and first line, short, for an error text."""
+    return repr(f"{reply.code} {reply.text.partition(chr(10))[0]}".strip()[:80])
 
 
 def fits(command: str, code: int) -> bool:

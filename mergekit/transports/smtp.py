@@ -69,7 +69,8 @@ class _Pooled:
         if protocol is None or protocol.transport is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         # Bytes aiosmtplib read past the last reply it was asked for: lines no command asked for.
-        leftover = bytes(protocol._buffer)
+        # (A private attribute of aiosmtplib 5; without it, such a line goes unseen as before.)
+        leftover = bytes(getattr(protocol, "_buffer", b""))
         reader = ReplyReader.take_over(protocol.transport, leftover)  # type: ignore[arg-type]
         return cls(smtp, reader, smtp.supports_extension("pipelining"))
 
