@@ -17,6 +17,16 @@ a stage of its dialogue:
 ``drop`` closes the connection at that stage without a reply, ``stall`` stops
 answering (the client's ``?timeout=`` ends it); ``permanent`` answers the given
 5xx reply at ``rcpt`` or ``data`` (after the content, like a content filter).
+
+Replies out of step with the commands, for every message (issue 13):
+``stray_after_data`` sends one more line after each end-of-data reply;
+``unsolicited`` sends a line ahead of a command's reply (``MAIL``, ``RCPT`` or
+``DATA``: to the client, a line that came before its command, or one reply too
+many in a pipelined group); ``reply_for`` replaces the reply to ``RCPT``, to
+``DATA`` (answered without 354, the server stays in command mode, so content
+sent anyway would be read as commands) or to the ``end-of-data`` (the server has
+taken the message: its reply counts as lost, as at ``after-data``). ``pipelining`` advertises
+PIPELINING (RFC 2920), which aiosmtpd reads correctly but does not announce.
 """
 
 from __future__ import annotations
@@ -54,6 +64,10 @@ class Faults:
     transient_reply: str = "451 4.3.0 temporary local problem, try again later"
     starttls: str | None = None  # offer STARTTLS and break it: "454", "drop" or "garbage"
     data_delay: float = 0.0  # seconds to sit on each message's content before answering
+    stray_after_data: str | None = None  # one more reply line after each end-of-data reply
+    unsolicited: dict[str, str] = field(default_factory=dict)  # verb -> a line sent ahead of its reply
+    reply_for: dict[str, str] = field(default_factory=dict)  # "RCPT", "DATA", "end-of-data" -> reply
+    pipelining: bool = False  # advertise PIPELINING; kept by clear(): a capability, not a fault
     # Called with the server's message number (1, 2, …) when the 354 has gone out and the content
     # is coming (``"during-data"``), and once it has taken the message but before replying
     # (``"after-data"``); the crash trials use it to SIGKILL the client at exactly those moments.
@@ -62,7 +76,7 @@ class Faults:
 
     def clear(self) -> None:
         """The server has recovered: no more faults."""
-        fresh = Faults(seed=self.seed)
+        fresh = Faults(seed=self.seed, pipelining=self.pipelining)
         for name in vars(fresh):
             setattr(self, name, getattr(fresh, name))
 
@@ -75,6 +89,9 @@ class FaultHandler:
     messages: list[Received] = field(default_factory=list)
     lost_replies: list[Received] = field(default_factory=list)  # taken, but the 250 never went out
     refused: list[tuple[str, str]] = field(default_factory=list)  # (recipient or stage, reply)
+    # Every line read as message content (after a 354), also of messages never completed: a client
+    # out of step with the server sends its next commands here.
+    content_lines: list[bytes] = field(default_factory=list)
     connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,9 +116,19 @@ class FaultHandler:
                 return answer
         return None
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.faults.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before the closing "250 HELP"
+        return responses
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if "RCPT" in self.faults.reply_for:
+            return self.faults.reply_for["RCPT"]
         answer = self._stage(address, "rcpt")
         if answer:
             return answer
@@ -127,7 +154,7 @@ class FaultHandler:
         if transient:
             self.refused.append(("data", self.faults.transient_reply))
             return self.faults.transient_reply
-        lost = self.stage_for(envelope, "after-data")
+        lost = self.stage_for(envelope, "after-data") or self.faults.reply_for.get("end-of-data")
         with self.lock:
             self.messages.append(received)  # taken: from here on the server has it
             number = len(self.messages)
@@ -135,7 +162,10 @@ class FaultHandler:
                 self.lost_replies.append(received)
         if self.faults.on_data is not None:
             self.faults.on_data("after-data", number)
-        return lost or f"250 2.0.0 Ok: queued as F{number}"
+        if lost:
+            return lost
+        stray = self.faults.stray_after_data
+        return f"250 2.0.0 Ok: queued as F{number}" + (f"\r\n{stray}" if stray else "")
 
     def by_recipient(self) -> dict[str, list[Received]]:
         found: dict[str, list[Received]] = {}
@@ -154,6 +184,21 @@ class FaultSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self.handler = handler
         self.carried = 0  # messages this connection has carried
+        self.ahead: str | None = None  # an unsolicited line to send before the next reply
+        self.in_data = False  # a 354 went out: the lines read now are message content
+
+    def _record_content(self) -> None:
+        """Wrap the stream reader so every line read after a 354 lands in ``content_lines``."""
+        readuntil = self._reader.readuntil
+
+        async def recording(separator: bytes = b"\n") -> bytes:
+            line = await readuntil(separator)
+            if self.in_data:
+                with self.handler.lock:
+                    self.handler.content_lines.append(line)
+            return line
+
+        self._reader.readuntil = recording  # type: ignore[method-assign]
 
     async def _handle_client(self) -> None:
         with self.handler.lock:
@@ -166,6 +211,7 @@ class FaultSMTP(SMTP):
         if number <= faults.greeting_stall:
             await self._stall()
             return
+        self._record_content()
         await super()._handle_client()
 
     async def push(self, status: Any) -> None:
@@ -175,6 +221,9 @@ class FaultSMTP(SMTP):
         if status == STALL:
             await self._stall()
             return
+        if self.ahead is not None:
+            status, self.ahead = f"{self.ahead}\r\n{status}", None
+        self.in_data = str(status).rsplit("\n", 1)[-1].startswith("354")
         await super().push(status)
         if str(status).startswith("421"):  # RFC 5321 3.8: 421 means the server closes the channel
             self._close()
@@ -194,9 +243,19 @@ class FaultSMTP(SMTP):
         if cap is not None and self.carried >= cap:
             await self.push(f"421 4.7.0 test.invalid too many messages on one connection (at most {cap})")
             return
+        self.ahead = self.handler.faults.unsolicited.get("MAIL")
         await super().smtp_MAIL(arg)
 
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.ahead = self.handler.faults.unsolicited.get("RCPT")
+        await super().smtp_RCPT(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
+        faults = self.handler.faults
+        if "DATA" in faults.reply_for:  # no 354: the server stays in command mode
+            await self.push(faults.reply_for["DATA"])
+            return
+        self.ahead = faults.unsolicited.get("DATA")
         envelope = self.envelope
         if envelope is not None and envelope.rcpt_tos:
             answer = self.handler.stage_for(envelope, "data")

@@ -3,16 +3,22 @@
 Each case runs a campaign against :class:`tests.faultsmtpd.FaultServer`, checks
 the ledger against what the server really did, lets the server recover, runs
 the same ``send`` again and checks every deliverable recipient got exactly one
-copy (two for a reply lost after the data: same Message-ID, counted unknown).
+copy (two for a reply lost after the data: same Message-ID, counted unknown),
+and that no SMTP command ever reached the server as message content.
+
+The replies out of step with the commands (issue 13) run twice: on the classic
+dialogue and on the pipelined one (the server offers PIPELINING).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +32,9 @@ ROWS = 8
 # so the second ``send`` (a resume) tries them again.
 FAST = SendOptions(concurrency=2, batch_size=4, backoff_initial=0.01, backoff_max=0.02, defer_base=0.0)
 TIMEOUT = 0.4  # ?timeout= for the stalling cases
+# A line of message content that is an SMTP command: a client out of step sent its next commands
+# as the data of a message.
+COMMAND_LINE = re.compile(rb"(?i)(MAIL FROM:|RCPT TO:|(DATA|RSET|QUIT|NOOP)\r?$)")
 
 
 def user(i: int) -> str:
@@ -90,6 +99,33 @@ CASES: dict[str, Case] = {
     ),
 }
 
+
+def out_of_step(name: str, first: dict[str, int], **faults: Any) -> dict[str, Case]:
+    """The case ``name`` on the classic dialogue, and on the pipelined one as ``name+pipelining``;
+    ``first`` empty: the counts depend on when the stray line lands, checked against the server."""
+    return {
+        f"{name}{'+pipelining' if pipelining else ''}": Case(
+            Faults(pipelining=pipelining, **faults), first, query=f"?timeout={TIMEOUT}"
+        )
+        for pipelining in (False, True)
+    }
+
+
+CASES |= {
+    **out_of_step("stray-250-after-data", {}, stray_after_data="250 2.0.0 Ok"),
+    **out_of_step("250-to-DATA", {"deferred": ROWS}, reply_for={"DATA": "250 2.0.0 Ok"}),
+    **out_of_step("unsolicited-before-MAIL", {"deferred": ROWS}, unsolicited={"MAIL": "250 2.0.0 Ok"}),
+    **out_of_step("extra-reply-to-RCPT", {"deferred": ROWS}, unsolicited={"RCPT": "250 2.1.5 Ok"}),
+    **out_of_step(
+        "malformed-multiline-RCPT", {"deferred": ROWS}, reply_for={"RCPT": "250-2.1.5 Ok\r\n550 5.1.1 No"}
+    ),
+    **out_of_step(
+        "malformed-end-of-data",
+        {"unknown": ROWS},
+        reply_for={"end-of-data": "250-2.0.0 Ok\r\n554 5.0.0 No"},
+    ),
+}
+
 RESULTS: dict[str, dict[str, object]] = {}  # what each case ended with, printed by the last test
 
 
@@ -138,7 +174,7 @@ def test_fault(name: str, tmp_path: Path) -> None:
         check_against_server(first, server)
         if case.first:
             assert dict(counts) == case.first
-        else:  # a random share refused for now: the rest went, and nothing was lost
+        else:  # a share refused for now: the rest went, and nothing was lost
             assert counts["sent"] + counts["deferred"] == ROWS
             assert counts["sent"] == len(server.messages)
         for email, code in case.failed_codes.items():
@@ -165,6 +201,8 @@ def test_fault(name: str, tmp_path: Path) -> None:
                 assert copies[0].parsed()["Message-ID"] == f"<{row.message_id.strip('<>')}>"
             else:
                 assert len(copies) == 1, (email, len(copies))
+        leaked = [line for line in server.handler.content_lines if COMMAND_LINE.match(line)]
+        assert leaked == [], "commands went out as message content"
         RESULTS[name] = {
             "first": dict(counts),
             "final": dict(final_counts),

@@ -1,46 +1,69 @@
-"""SMTP command pipelining (RFC 2920) on a connection aiosmtplib has set up.
+"""The SMTP dialogue on a connection aiosmtplib has set up: every reply accounted for.
 
 aiosmtplib connects, says EHLO, upgrades with STARTTLS and logs in; its
-protocol object reads one reply per command written and drops what arrives
-before it asks, so it cannot read the replies of a pipelined group. Once a
-connection is ready, :class:`ReplyReader` takes the transport over
-(``transport.set_protocol``) and queues every reply in order.
+protocol object reads one reply per command written, drops a line that arrives
+between commands and pairs a line left over in its buffer with the next
+command, so it can neither read the replies of a pipelined group nor notice a
+server that has got out of step. Once a connection is ready,
+:class:`ReplyReader` takes the transport over (``transport.set_protocol``) and
+matches every reply, in order, to the command it answers.
 
-:func:`send_pipelined` then spends one round trip per message: MAIL FROM, every
-RCPT TO and DATA go in one write (RFC 2920 3.1: DATA ends a group); once the
-354 is in, the message content, its end-of-data dot and the next message's
+A reply that cannot answer the command it is matched to means the connection is
+out of step with the server, and the reader drops it at once: a reply with no
+command awaiting one (an unsolicited line, or one too many in a pipelined
+group), a code of the wrong class (DATA answered with anything but 354 or a
+refusal; MAIL, RCPT, RSET or the end of the data with a 3yz), or a malformed
+reply (RFC 5321 4.2: a code outside 2-5/0-5/0-9, the lines of one reply with
+different codes). Nothing more is written on a dropped connection, so no
+command can go out as message content. The outcomes are those of a lost
+connection: ``unknown`` for a message whose content went out and whose
+end-of-data reply was not read, ``transient`` for the others; never ``failed``
+or ``sent`` from a reply that did not fit. (SMTP replies carry no tag: a stray
+line that arrives while a reply is awaited and has the class that command
+expects is taken for its reply; the real one then arrives with no command
+awaiting it, and the connection is dropped there.)
+
+:func:`send_pipelined` spends one round trip per message (RFC 2920): MAIL FROM,
+every RCPT TO and DATA go in one write (RFC 2920 3.1: DATA ends a group); once
+the 354 is in, the message content, its end-of-data dot and the next message's
 MAIL/RCPT/DATA go in the next write, so the end-of-data reply of one message
-and the command replies of the next come back together.
+and the command replies of the next come back together. :func:`send_lockstep`
+awaits each reply before the next command, for servers that do not offer
+PIPELINING (or ``?pipelining=false``).
 
-Outcomes are those of the classic dialogue: a refused MAIL or DATA, or every
-recipient refused, is that message's outcome (a lone dot is sent if the server
-said 354 anyway, RFC 2920 3.1), and the next group starts with RSET. A
-connection lost or a reply timed out after a message's content was written
-makes that message ``unknown``; a message whose commands went out but whose
-content did not is ``transient``; messages not begun are left to the caller.
+A refused MAIL or DATA, or every recipient refused, is that message's outcome
+(a lone dot is sent if the server said 354 anyway, RFC 2920 3.1), and the
+connection is reset (RSET) for the next message. A connection lost, a reply
+timed out or out of step after a message's content was written makes that
+message ``unknown``; a message whose commands went out but whose content did
+not is ``transient``; messages not begun are left to the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiosmtplib import SMTPStatus
 
-from .base import Message, Outcome
+from .base import Message, Outcome, Status
 
 _DOT_LINE = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: a line starting with '.' gets another
 # A reply is at most this long (all its lines): bounds memory against a babbling server.
 MAX_REPLY_BYTES = 32 * 1024
 _UNSAFE_ADDRESS = re.compile(r"[\r\n\x00<>]")  # would break out of a command line
-RCPT_ACCEPTED = frozenset({SMTPStatus.completed, SMTPStatus.will_forward})
+# RFC 5321 4.2: Reply-code = %x32-35 %x30-35 %x30-39, then "-" (more lines follow), SP text, or nothing.
+_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
+END_OF_DATA = "the end of the data"  # what the reply after the content answers
+OUT_OF_STEP = "replies out of step with the commands, connection dropped"
 
 
 class Gone(Exception):
-    """The connection closed, timed out or answered nonsense; the text says which."""
+    """The connection closed, timed out or got out of step with the server; the text says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,21 +73,28 @@ class Reply:
 
 
 class ReplyReader(asyncio.Protocol):
-    """The connection's protocol once it pipelines: writes bytes, queues complete replies."""
+    """The connection's protocol once it is set up: writes commands, and queues each complete
+    reply that can answer the oldest command awaiting one; any other reply drops the connection."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self._buffer = bytearray()
         self._lines: list[str] = []
         self._replies: collections.deque[Reply] = collections.deque()
+        self._code = b""  # the code of the reply whose lines are being read
+        self._awaiting: collections.deque[str] = collections.deque()  # commands written, unanswered
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 1  # replies queued before the waiter is woken
         self._gone: str | None = None
 
     @classmethod
-    def take_over(cls, transport: asyncio.Transport) -> ReplyReader:
+    def take_over(cls, transport: asyncio.Transport, leftover: bytes = b"") -> ReplyReader:
+        """Read the connection from now on; ``leftover`` is what the previous protocol had
+        buffered and not read: lines no command asked for, so the reader drops them."""
         reader = cls(transport)
         transport.set_protocol(reader)
+        if leftover:
+            reader.data_received(leftover)
         return reader
 
     @property
@@ -75,24 +105,36 @@ class ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while True:
+        while self._gone is None:
             end = self._buffer.find(b"\n")
             if end < 0:
                 break
             line = bytes(self._buffer[: end + 1]).rstrip(b"\r\n")
             del self._buffer[: end + 1]
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                self._fail(f"malformed reply line {line[:60]!r}")
-                self.transport.close()
-                return
-            self._lines.append(line[4:].decode("utf-8", "surrogateescape"))
-            if line[3:4] != b"-":
-                self._replies.append(Reply(int(line[:3]), "\n".join(self._lines)))
-                self._lines = []
-        if len(self._buffer) + sum(map(len, self._lines)) > MAX_REPLY_BYTES:
-            self._fail("reply too long")
-            self.transport.close()
+            self._take_line(line)
+        if self._gone is None and len(self._buffer) + sum(map(len, self._lines)) > MAX_REPLY_BYTES:
+            self._drop("reply too long")
         self._wake()
+
+    def _take_line(self, line: bytes) -> None:
+        match = _REPLY_LINE.fullmatch(line)
+        if match is None or (self._lines and match[1] != self._code):
+            self._drop(f"{OUT_OF_STEP}: malformed reply line {line[:60]!r}")
+            return
+        self._code = match[1]
+        self._lines.append((match[3] or b"").decode("utf-8", "surrogateescape"))
+        if match[2] != b"-":
+            self._answer(Reply(int(match[1]), "\n".join(self._lines)))
+            self._lines = []
+
+    def _answer(self, reply: Reply) -> None:
+        """Queue ``reply`` as the answer to the oldest command awaiting one, if it can be."""
+        if not self._awaiting:
+            self._drop(f"{OUT_OF_STEP}: {_shown(reply)} answers no command")
+        elif not fits(command := self._awaiting.popleft(), reply.code):
+            self._drop(f"{OUT_OF_STEP}: {_shown(reply)} cannot answer {command}")
+        else:
+            self._replies.append(reply)
 
     def eof_received(self) -> bool:
         self._fail("the server closed the connection")
@@ -103,10 +145,17 @@ class ReplyReader(asyncio.Protocol):
 
     # -- use -----------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, *answering: str) -> None:
+        """Write ``data``, whose replies answer the commands named in ``answering``, in order."""
         if not self.alive:
             raise Gone(self._gone or "connection closing")
+        self._awaiting.extend(answering)
         self.transport.write(data)
+
+    async def ask(self, data: bytes, command: str, timeout: float) -> Reply:
+        """Write one command and read its reply."""
+        self.write(data, command)
+        return await self.read(timeout)
 
     async def ready(self, count: int, timeout: float) -> None:
         """Wait until ``count`` replies are queued or the connection is gone (one wake-up,
@@ -127,8 +176,7 @@ class ReplyReader(asyncio.Protocol):
             self._wanted = 1
 
     def _time_out(self, timeout: float) -> None:
-        self._fail(f"no reply within {timeout:g} s")
-        self.transport.close()
+        self._drop(f"no reply within {timeout:g} s")
 
     async def read(self, timeout: float) -> Reply:
         """The next reply, in order; raise :class:`Gone` if none can come."""
@@ -139,8 +187,7 @@ class ReplyReader(asyncio.Protocol):
             try:
                 await asyncio.wait_for(self._waiter, timeout)
             except TimeoutError:
-                self._fail(f"no reply within {timeout:g} s")
-                self.transport.close()
+                self._drop(f"no reply within {timeout:g} s")
                 raise Gone(self._gone or "timeout") from None
             finally:
                 self._waiter = None
@@ -149,8 +196,7 @@ class ReplyReader(asyncio.Protocol):
     async def quit(self, timeout: float) -> None:
         """QUIT politely, then close; never raises."""
         try:
-            self.write(b"QUIT\r\n")
-            await self.read(min(timeout, 5.0))
+            await self.ask(b"QUIT\r\n", "QUIT", min(timeout, 5.0))
         except Gone:
             pass
         finally:
@@ -160,6 +206,11 @@ class ReplyReader(asyncio.Protocol):
         if self._gone is None:
             self._gone = text
         self._wake()
+
+    def _drop(self, text: str) -> None:
+        """Give the connection up: nothing more is written on it, and what was queued stays readable."""
+        self._fail(text)
+        self.transport.close()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -171,20 +222,48 @@ class ReplyReader(asyncio.Protocol):
             waiter.set_result(None)
 
 
-def commands(message: Message) -> bytes:
-    """MAIL FROM, one RCPT TO per recipient, DATA: one pipelined group (RFC 2920 3.1)."""
+def _shown(reply: Reply) -> str:
+    """A reply's code and first line, short, for an error text."""
+    return repr(f"{reply.code} {reply.text.partition(chr(10))[0]}".strip()[:80])
+
+
+def fits(command: str, code: int) -> bool:
+    """Whether a reply with ``code`` can answer ``command`` (RFC 5321 4.2.1, 4.3.2).
+
+    DATA is answered 354 or a refusal (4yz, 5yz); MAIL, RCPT, RSET, QUIT and the
+    end of the data a completion (2yz) or a refusal; nothing is answered 1yz.
+    """
+    if code >= 400:
+        return True
+    if command == "DATA":
+        return code == SMTPStatus.start_input
+    return 200 <= code < 300
+
+
+def _commands(message: Message) -> tuple[bytes, tuple[str, ...]]:
+    """MAIL FROM, one RCPT TO per recipient, DATA (one pipelined group, RFC 2920 3.1), and
+    the commands their replies answer."""
     parts = [f"MAIL FROM:<{message.envelope_from}>\r\n"]
     parts.extend(f"RCPT TO:<{recipient}>\r\n" for recipient in message.envelope_to)
     parts.append("DATA\r\n")
-    return "".join(parts).encode("ascii")
+    return "".join(parts).encode("ascii"), ("MAIL", *("RCPT" for _ in message.envelope_to), "DATA")
 
 
-def content(message: Message) -> bytes:
+def _content(message: Message) -> bytes:
     """The message, dot-stuffed (RFC 5321 4.5.2), ending in CRLF and the end-of-data dot."""
     raw = message.raw if message.raw.endswith(b"\r\n") else message.raw + b"\r\n"
     if raw.startswith(b".") or b"\n." in raw:  # most messages have no line to stuff
         raw = _DOT_LINE.sub(b"..", raw)
     return raw + b".\r\n"
+
+
+def _unsafe(message: Message) -> Outcome | None:
+    """Refuse an envelope address that would break out of its command line; render never
+    lets one through, so this guards against a bug rather than input."""
+    for address in (message.envelope_from, *message.envelope_to):
+        if _UNSAFE_ADDRESS.search(address):
+            return Outcome.permanent(None, f"unsafe envelope address {address!r}")
+    return None
 
 
 def classify(code: int, text: str) -> Outcome:
@@ -194,7 +273,16 @@ def classify(code: int, text: str) -> Outcome:
     return Outcome.permanent(code, text)
 
 
-def refused_outcome(refused: dict[str, Reply]) -> Outcome:
+def _refused(message: Message, replies: Sequence[Reply]) -> dict[str, Reply]:
+    """The recipients whose RCPT was refused (4yz or 5yz), with their replies."""
+    return {
+        recipient: reply
+        for recipient, reply in zip(message.envelope_to, replies, strict=True)
+        if reply.code >= 400
+    }
+
+
+def _refused_outcome(refused: dict[str, Reply]) -> Outcome:
     """Every recipient refused: transient if any refusal was, so a retry may still reach them."""
     replies = list(refused.values())
     transient = [reply for reply in replies if 400 <= reply.code < 500]
@@ -203,9 +291,9 @@ def refused_outcome(refused: dict[str, Reply]) -> Outcome:
     return classify(chosen.code, text)
 
 
-def sent_outcome(reply: Reply, refused: dict[str, Reply]) -> Outcome:
-    """The end-of-data reply's outcome; a 250 names the recipients refused on the way."""
-    if reply.code != SMTPStatus.completed:
+def _sent_outcome(reply: Reply, refused: dict[str, Reply]) -> Outcome:
+    """The end-of-data reply's outcome; a 2yz names the recipients refused on the way."""
+    if reply.code >= 400:
         return classify(reply.code, reply.text)
     partial = ""
     if refused:
@@ -223,16 +311,25 @@ class _InFlight:
     decided: Outcome | None = None  # set when only a lone dot went: nothing was delivered
 
     def answered(self, reply: Reply) -> Outcome:
-        return self.decided or sent_outcome(reply, self.refused)
+        return self.decided or _sent_outcome(reply, self.refused)
 
     def lost(self, why: str) -> Outcome:
         if self.decided is not None:
             return self.decided
-        return Outcome.unknown(f"connection lost after the data was sent: {why}")
+        return _lost_after(why)
 
 
 def _lost_before(why: str) -> Outcome:
     return Outcome.transient(None, f"connection lost before the data was sent: {why}")
+
+
+def _lost_after(why: str) -> Outcome:
+    return Outcome.unknown(f"connection lost after the data was sent: {why}")
+
+
+def _closing(reply: Reply) -> bool:
+    """421: the server is closing the connection (RFC 5321 3.8)."""
+    return reply.code == SMTPStatus.domain_unavailable
 
 
 async def send_pipelined(
@@ -245,15 +342,16 @@ async def send_pipelined(
         whether the connection can carry more.
     """
     for position, message in enumerate(messages):
-        unsafe = [a for a in (message.envelope_from, *message.envelope_to) if _UNSAFE_ADDRESS.search(a)]
-        if unsafe:  # render never lets these through; refuse rather than inject commands
+        unsafe = _unsafe(message)
+        if unsafe is not None:
             if position == 0:
-                return [Outcome.permanent(None, f"unsafe envelope address {unsafe[0]!r}")], True
+                return [unsafe], True
             messages = messages[:position]  # the caller comes back for the rest
             break
     outcomes: list[Outcome] = []
+    group, answers = _commands(messages[0])
     try:
-        reader.write(commands(messages[0]))
+        reader.write(group, *answers)
     except Gone as gone:
         return [_lost_before(str(gone))], False
     flight: _InFlight | None = None
@@ -268,7 +366,7 @@ async def send_pipelined(
                 return [*outcomes, flight.lost(str(gone)), _lost_before(str(gone))], False
             outcomes.append(flight.answered(reply))
             flight = None
-            if reply.code == SMTPStatus.domain_unavailable:  # 421: closing (RFC 5321 3.8)
+            if _closing(reply):
                 outcomes.append(classify(reply.code, reply.text))
                 return outcomes, False
         # 2. This message's replies: [RSET], MAIL, RCPT…, DATA.
@@ -276,40 +374,41 @@ async def send_pipelined(
         try:
             for _ in range(len(message.envelope_to) + 2 + reset_sent):
                 reply = await reader.read(timeout)
-                if reply.code == SMTPStatus.domain_unavailable:  # 421: closing
+                if _closing(reply):
                     return [*outcomes, classify(reply.code, reply.text)], False
                 replies.append(reply)
         except Gone as gone:
             return [*outcomes, _lost_before(str(gone))], False
         mail, *rcpts, data = replies[reset_sent:]
-        refused = {
-            recipient: reply
-            for recipient, reply in zip(message.envelope_to, rcpts, strict=True)
-            if reply.code not in RCPT_ACCEPTED
-        }
+        refused = _refused(message, rcpts)
         failure: Outcome | None = None
-        if mail.code != SMTPStatus.completed:
+        if mail.code >= 400:
             failure = classify(mail.code, mail.text)
         elif len(refused) == len(message.envelope_to):
-            failure = refused_outcome(refused)
+            failure = _refused_outcome(refused)
         elif data.code != SMTPStatus.start_input:
             failure = classify(data.code, data.text)
         # 3. Next write: this message's content (or a lone dot), RSET after a failure,
         #    and the next message's commands.
         out = bytearray()
+        answering: list[str] = []
         if data.code == SMTPStatus.start_input:
             flight = _InFlight(message, refused, failure)
-            out += b".\r\n" if failure is not None else content(message)
+            out += b".\r\n" if failure is not None else _content(message)
+            answering.append(END_OF_DATA)
         else:
             assert failure is not None
             outcomes.append(failure)
         reset_sent = failure is not None
         if reset_sent:
             out += b"RSET\r\n"
+            answering.append("RSET")
         if index + 1 < len(messages):
-            out += commands(messages[index + 1])
+            group, answers = _commands(messages[index + 1])
+            out += group
+            answering.extend(answers)
         try:
-            reader.write(bytes(out))
+            reader.write(bytes(out), *answering)
         except Gone as gone:
             # Nothing of this write left: the content was not sent.
             if flight is not None:
@@ -323,7 +422,7 @@ async def send_pipelined(
         except Gone as gone:
             return [*outcomes, flight.lost(str(gone))], False
         outcomes.append(flight.answered(reply))
-        if reply.code == SMTPStatus.domain_unavailable:
+        if _closing(reply):
             return outcomes, False
     if reset_sent:
         try:
@@ -331,3 +430,55 @@ async def send_pipelined(
         except Gone:
             return outcomes, False
     return outcomes, reader.alive
+
+
+async def send_lockstep(
+    reader: ReplyReader, messages: Sequence[Message], *, timeout: float
+) -> tuple[list[Outcome], bool]:
+    """Send ``messages`` one command at a time, each reply read before the next command
+    (RFC 5321 without PIPELINING); returns what :func:`send_pipelined` returns."""
+    outcomes: list[Outcome] = []
+    for message in messages:
+        if outcomes and not reader.alive:
+            break  # dropped after the last message: the caller reconnects for the rest
+        outcome = _unsafe(message) or await _transaction(reader, message, timeout)
+        outcomes.append(outcome)
+        if outcome.code == SMTPStatus.domain_unavailable:
+            return outcomes, False
+    return outcomes, reader.alive
+
+
+async def _transaction(reader: ReplyReader, message: Message, timeout: float) -> Outcome:
+    """MAIL, RCPT…, DATA and the content of one message, each reply awaited; a refusal is
+    the outcome, and the connection is reset (RSET) for the next message."""
+    try:
+        mail = await reader.ask(f"MAIL FROM:<{message.envelope_from}>\r\n".encode("ascii"), "MAIL", timeout)
+        if mail.code >= 400:
+            return await _reset(reader, classify(mail.code, mail.text), timeout)
+        rcpts = []
+        for recipient in message.envelope_to:
+            rcpts.append(await reader.ask(f"RCPT TO:<{recipient}>\r\n".encode("ascii"), "RCPT", timeout))
+        refused = _refused(message, rcpts)
+        if len(refused) == len(message.envelope_to):
+            return await _reset(reader, _refused_outcome(refused), timeout)
+        data = await reader.ask(b"DATA\r\n", "DATA", timeout)
+        if data.code != SMTPStatus.start_input:
+            return await _reset(reader, classify(data.code, data.text), timeout)
+        reader.write(_content(message), END_OF_DATA)
+    except Gone as gone:
+        return _lost_before(str(gone))
+    try:
+        reply = await reader.read(timeout)
+    except Gone as gone:
+        return _lost_after(str(gone))
+    return await _reset(reader, _sent_outcome(reply, refused), timeout)
+
+
+async def _reset(reader: ReplyReader, outcome: Outcome, timeout: float) -> Outcome:
+    """RSET after a failed transaction so the connection can carry the next message; none
+    after a success, or a 421 (the server is closing)."""
+    if outcome.status is not Status.SENT and outcome.code != SMTPStatus.domain_unavailable:
+        # If RSET goes unanswered, the next message finds the connection gone: the caller reconnects.
+        with contextlib.suppress(Gone):
+            await reader.ask(b"RSET\r\n", "RSET", timeout)
+    return outcome

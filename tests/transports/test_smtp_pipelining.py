@@ -50,6 +50,8 @@ class Script:
     data_despite_no_rcpt: bool = False  # answer 354 even when every RCPT was refused
     drop_on_mail: set[int] = field(default_factory=set)  # close, unanswered, on MAIL number N
     drop_after_content: set[int] = field(default_factory=set)  # close, unanswered, after N's data
+    end_reply: dict[int, str] = field(default_factory=dict)  # reply to N's end of data (content taken)
+    after_ehlo: str | None = None  # a line no command asked for, in the same write as the EHLO reply
     # what the server saw
     accepted: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -130,7 +132,8 @@ class ScriptedSession(asyncio.Protocol):
         script = self.script
         if verb == "EHLO":
             extensions = ["250-scripted", "250-8BITMIME"] + (["250-PIPELINING"] if script.pipelining else [])
-            self.reply("\r\n".join([*extensions, "250 HELP"]))
+            extra = [script.after_ehlo] if script.after_ehlo else []
+            self.reply("\r\n".join([*extensions, "250 HELP", *extra]))
         elif verb == "MAIL":
             script.transactions += 1
             self.number, self.good_rcpts = script.transactions, 0
@@ -167,7 +170,8 @@ class ScriptedSession(asyncio.Protocol):
             return
         if self.good_rcpts:
             self.script.accepted.append(content)
-            self.reply(f"250 2.0.0 Ok: queued as Q{self.number}", held=True)
+            answer = self.script.end_reply.get(self.number, f"250 2.0.0 Ok: queued as Q{self.number}")
+            self.reply(answer, held=True)
         else:
             self.reply("554 5.5.1 No valid recipients", held=True)
 
@@ -351,3 +355,58 @@ def test_an_unsafe_envelope_address_is_refused_not_sent() -> None:
     outcomes = send(script, batch)
     assert statuses(outcomes) == [SENT, (Status.PERMANENT, None), SENT]
     assert subjects(script) == ["Hello User 1", "Hello User 3"]
+
+
+DIALOGUES = pytest.mark.parametrize("query", ["", "?pipelining=false"], ids=["pipelined", "classic"])
+DROPPED = (Status.TRANSIENT, None)
+
+
+@DIALOGUES
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "250 2.0.0 Ok",  # a completion where DATA must get 354 or a refusal
+        "354 2.0.0 go ahead\r\n354 2.0.0 again",  # one reply too many
+        "354-2.0.0 go\r\n250 2.0.0 ahead",  # lines of one reply with different codes
+        "360 2.0.0 go ahead",  # a code RFC 5321 4.2 does not allow (second digit 6)
+    ],
+)
+def test_a_reply_that_cannot_answer_data_drops_the_connection(query: str, reply: str) -> None:
+    # Message 2 is out of step: no 2xx becomes ``failed`` and no content follows; the rest
+    # go on a new connection.
+    script = Script(data_reply={2: reply})
+    outcomes = send(script, messages(4), query)
+    assert statuses(outcomes) == [SENT, DROPPED, SENT, SENT]
+    assert "before the data" in outcomes[1].text and "out of step" in outcomes[1].text
+    assert subjects(script) == ["Hello User 1", "Hello User 3", "Hello User 4"]
+    assert script.connections == 2
+
+
+@DIALOGUES
+def test_a_mail_answered_354_is_out_of_step(query: str) -> None:
+    script = Script(mail_reply={1: "354 2.0.0 go ahead"})
+    outcomes = send(script, messages(2), query)
+    assert statuses(outcomes) == [DROPPED, SENT]
+    assert "cannot answer MAIL" in outcomes[0].text
+
+
+@DIALOGUES
+def test_an_end_of_data_reply_out_of_step_is_unknown(query: str) -> None:
+    # The server took message 2; its reply does not fit: maybe sent, so ``unknown``, never sent or
+    # failed. Pipelined, message 3's commands went out with message 2's content: transient.
+    script = Script(end_reply={2: "354 2.0.0 go ahead"})
+    outcomes = send(script, messages(3), query)
+    third = Status.SENT if query else Status.TRANSIENT
+    assert [o.status for o in outcomes] == [Status.SENT, Status.UNKNOWN, third]
+    assert "after the data" in outcomes[1].text and "cannot answer the end of the data" in outcomes[1].text
+    assert subjects(script) == ["Hello User 1", "Hello User 2", "Hello User 3"][: 3 if query else 2]
+
+
+@DIALOGUES
+def test_a_line_left_after_the_ehlo_reply_is_never_read_as_a_reply(query: str) -> None:
+    # aiosmtplib leaves it in its buffer, where it would answer MAIL: the reader drops the connection.
+    script = Script(after_ehlo="250 2.0.0 unsolicited")
+    outcomes = send(script, messages(2), query)
+    assert statuses(outcomes) == [DROPPED, DROPPED]
+    assert all("answers no command" in o.text for o in outcomes)
+    assert script.accepted == [] and script.transactions == 0
