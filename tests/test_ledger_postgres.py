@@ -111,7 +111,7 @@ def test_newer_schema_refused(ledger_location: str) -> None:
     else:
         with sqlite3.connect(ledger_location) as db:
             db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerError, match=r"written by a newer mergekit \(schema 99, this one reads [12]\)"):
+    with pytest.raises(LedgerError, match=r"written by a newer mergekit \(schema 99, this one reads [23]\)"):
         open_ledger(ledger_location)
 
 
