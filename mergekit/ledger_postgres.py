@@ -130,6 +130,7 @@ CREATE TABLE IF NOT EXISTS mergekit_rate (
 """
 
 _KEYED_COLUMNS = "id, campaign_id, row, key, occurrence, email, state"
+_NOT_ASCII = r"[^\x01-\x7f]"  # a regular expression: a character that is not ASCII
 _CAMPAIGN_COLUMNS = (
     "id, name, template_path, template_source, template_fingerprint, transport, created_at, settings"
 )
@@ -217,7 +218,7 @@ class PostgresLedger(Ledger):
             for row in map(
                 rekey.KeyedRow._make,
                 self._db.execute(
-                    f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE email ~ '[^\x01-\x7f]'"
+                    f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE email ~ '{_NOT_ASCII}'"  # type: ignore[arg-type]
                 ).fetchall(),
             )
             if rekey.is_old_address_key(row)
@@ -227,7 +228,7 @@ class PostgresLedger(Ledger):
             rekey.KeyedRow._make(found)
             for campaign_id, key in new_keys
             for found in self._db.execute(
-                f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE campaign_id = %s AND key = %s",
+                f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE campaign_id = %s AND key = %s",  # type: ignore[arg-type]
                 (campaign_id, key),
             )
         ]
@@ -250,23 +251,30 @@ class PostgresLedger(Ledger):
                 "INSERT INTO mergekit_suppressions VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                 [(campaign_id, canonical_address(email), source) for campaign_id, email, source in listed],
             )
-        went = self._db.execute(
-            "SELECT campaign_id, email, id, row FROM mergekit_recipients WHERE state = ANY(%s)"
-            " OR unknown_count > 0 ORDER BY state = 'sent' DESC, row",
+        went = " AND (state = ANY(%s) OR unknown_count > 0) ORDER BY state = 'sent' DESC, row"
+        # ASCII addresses in SQL (lower under the C collation folds ASCII letters only), the others here.
+        self._db.execute(
+            "INSERT INTO mergekit_envelopes (campaign_id, address, recipient_id, row)"  # type: ignore[arg-type]
+            ' SELECT campaign_id, lower(email COLLATE "C"), id, row FROM mergekit_recipients'
+            f" WHERE email !~ '{_NOT_ASCII}' {went} ON CONFLICT DO NOTHING",
+            (list(rekey.MAY_HAVE_LEFT),),
+        )
+        others = self._db.execute(
+            "SELECT campaign_id, email, id, row FROM mergekit_recipients"  # type: ignore[arg-type]
+            f" WHERE email ~ '{_NOT_ASCII}' {went}",
             (list(rekey.MAY_HAVE_LEFT),),
         ).fetchall()
-        self._claim(
-            (campaign_id, canonical_address(email), row_id, row) for campaign_id, email, row_id, row in went
-        )
+        for campaign_id, email, row_id, row in others:
+            self._claim(campaign_id, [AddressClaim(row_id, row, canonical_address(email))])
 
-    def _claim(self, claims: Iterable[tuple[int, str, int, int]]) -> None:
-        """Insert ``(campaign, address, recipient id, row)`` claims in order; a held address stays."""
-        with self._db.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO mergekit_envelopes (campaign_id, address, recipient_id, row)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                list(claims),
-            )
+    def _claim(self, campaign_id: int, claims: Sequence[AddressClaim]) -> None:
+        """Insert the claims in their order (the first for an address wins); a held address stays."""
+        self._db.execute(
+            "INSERT INTO mergekit_envelopes (campaign_id, address, recipient_id, row)"
+            " SELECT %s, address, id, row FROM unnest(%s::text[], %s::bigint[], %s::integer[])"
+            " WITH ORDINALITY AS c(address, id, row, n) ORDER BY n ON CONFLICT DO NOTHING",
+            (campaign_id, [c.address for c in claims], [c.id for c in claims], [c.row for c in claims]),
+        )
 
     # -- campaigns -----------------------------------------------------------
 
@@ -378,17 +386,17 @@ class PostgresLedger(Ledger):
                     [(campaign.id, email, source) for email, source in addresses.items()],
                 )
             updated = self._db.execute(
-                "UPDATE mergekit_recipients r SET state = 'suppressed', updated_at = %s,"
+                "UPDATE mergekit_recipients r SET state = 'suppressed', updated_at = %s,"  # type: ignore[arg-type]
                 " last_text = 'address listed in ' || s.source || ' (--suppress)'"
                 " FROM mergekit_suppressions s WHERE s.campaign_id = r.campaign_id"
                 ' AND s.email = lower(r.email COLLATE "C") AND r.campaign_id = %s'
-                " AND r.state IN ('pending', 'deferred', 'unknown') AND r.email !~ '[^\x01-\x7f]'",
+                f" AND r.state IN ('pending', 'deferred', 'unknown') AND r.email !~ '{_NOT_ASCII}'",
                 (now, campaign.id),
             )
             count = max(updated.rowcount, 0)
             others = self._db.execute(
-                "SELECT r.id, r.email FROM mergekit_recipients r WHERE r.campaign_id = %s"
-                " AND r.state IN ('pending', 'deferred', 'unknown') AND r.email ~ '[^\x01-\x7f]'"
+                "SELECT r.id, r.email FROM mergekit_recipients r WHERE r.campaign_id = %s"  # type: ignore[arg-type]
+                f" AND r.state IN ('pending', 'deferred', 'unknown') AND r.email ~ '{_NOT_ASCII}'"
                 " AND EXISTS (SELECT 1 FROM mergekit_suppressions s WHERE s.campaign_id = r.campaign_id)",
                 (campaign.id,),
             ).fetchall()
@@ -415,7 +423,7 @@ class PostgresLedger(Ledger):
         # inserting the same addresses wait for each other in one order, never in a deadlock.
         ordered = sorted(claims, key=lambda claim: (claim.address, claim.row))
         with self._db.transaction():
-            self._claim((campaign.id, c.address, c.id, c.row) for c in ordered)
+            self._claim(campaign.id, ordered)
             held = self._db.execute(
                 "SELECT c.id, e.recipient_id, e.row FROM unnest(%s::bigint[], %s::text[]) AS c(id, address)"
                 " JOIN mergekit_envelopes e ON e.campaign_id = %s AND e.address = c.address",
