@@ -13,6 +13,11 @@ States::
     pending / deferred / unknown ──suppress──► suppressed (an address on a --suppress list,
         this run's or an earlier run's: the ledger remembers every list it was given)
 
+Each rendered message claims its address for the campaign (``claim_addresses``,
+the ``envelopes`` table) before it leaves, so two rows that reach one mailbox are
+never both sent, whatever their keys (README "Recipients: one mailbox, one
+recipient").
+
 ``sending`` is committed before the first byte of a batch leaves, and outcomes
 are committed per batch in one transaction each, so a crash can only leave rows
 in ``sending``; the next run turns them into ``unknown``.
@@ -751,7 +756,9 @@ class SqliteLedger(Ledger):
                 (campaign.id, table),
             )
             held = self._db.execute(
-                "SELECT c.value ->> 0, e.recipient_id, e.row FROM json_each(?) AS c JOIN envelopes e"
+                # CROSS JOIN: the claims outside, each a search of the primary key (SQLite's own
+                # plan scanned the campaign's addresses for each batch, 10x slower at 20,000 rows)
+                "SELECT c.value ->> 0, e.recipient_id, e.row FROM json_each(?) AS c CROSS JOIN envelopes e"
                 " ON e.campaign_id = ? AND e.address = c.value ->> 2",
                 (table, campaign.id),
             ).fetchall()

@@ -425,8 +425,10 @@ class PostgresLedger(Ledger):
         with self._db.transaction():
             self._claim(campaign.id, ordered)
             held = self._db.execute(
+                # LATERAL: one search of the primary key per claim, never a scan of the campaign's
                 "SELECT c.id, e.recipient_id, e.row FROM unnest(%s::bigint[], %s::text[]) AS c(id, address)"
-                " JOIN mergekit_envelopes e ON e.campaign_id = %s AND e.address = c.address",
+                " CROSS JOIN LATERAL (SELECT recipient_id, row FROM mergekit_envelopes"
+                "  WHERE campaign_id = %s AND address = c.address) AS e",
                 ([c.id for c in claims], [c.address for c in claims], campaign.id),
             ).fetchall()
         return {claimer: row for claimer, holder, row in held if holder != claimer}

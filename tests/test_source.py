@@ -226,3 +226,6 @@ def test_keys_sharing_a_hash_stay_apart(tmp_path: Path, monkeypatch: pytest.Monk
     rows = rows_of(path)
     assert [r.occurrence for r in rows] == [0, 0, 0, 1, 1, 0, 1, 2]
     assert [r.state for r in rows] == ["pending"] * 3 + ["duplicate"] * 2 + ["pending"] + ["duplicate"] * 2
+    assert [r.reason.split(" (")[0] for r in rows if r.state == "duplicate"] == [
+        f"same recipient as row {first}" for first in (1, 3, 2, 1)
+    ]
