@@ -22,6 +22,7 @@ from mergekit.addresses import _canonical, canonical_address
 from mergekit.cli import main
 from mergekit.ledger import AddressClaim, open_ledger
 from mergekit.render import TemplateSource
+from mergekit.source import read_rows
 from tests.faultsmtpd import Faults, FaultServer
 from tests.smtpd import SmtpServer
 
@@ -136,6 +137,18 @@ def test_a_suppression_in_any_spelling_suppresses_every_spelling(
             cli(folder, "retry", "--ledger", ledger_location, "--campaign", "d", "--transport", url)[0] == 0
         )
         assert [m.rcpt_tos for m in server.messages] == [["z@example.com"], ["z@example.com"]]
+        # Campaign e: ingested by an earlier run that sent nothing (SQLite keeps such rows in blocks).
+        ledger = open_ledger(ledger_location)
+        source = TemplateSource.read(folder / "t.txt")
+        record = ledger.open_campaign(
+            "e", template_path=str((folder / "t.txt").resolve()), template_source=source.text,
+            fingerprint=source.fingerprint, transport=url, allow_template_change=False,
+        )  # fmt: skip
+        ledger.ingest(record, read_rows(folder / "r.csv"))
+        ledger.close()
+        send(folder, url, ledger_location, "--campaign", "e", "--suppress", str(folder / "stop.txt"))
+        assert [m.rcpt_tos for m in server.messages] == [["z@example.com"]] * 3
+        assert status(folder, ledger_location, "e")["suppressed"] == 1
     finally:
         server.stop()
 
