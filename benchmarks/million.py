@@ -1,6 +1,7 @@
 """Children of the million-row benchmark: each runs alone in its own process so its peak RSS is its own.
 
-``python -m benchmarks.million write PATH ROWS``   write a recipients CSV like the sample's
+``python -m benchmarks.million write PATH ROWS [IDN_EVERY]``   write a recipients CSV like the
+                                                  sample's (every IDN_EVERY-th address at bücher.example)
 ``python -m benchmarks.million pandas PATH``       ``pandas.read_csv`` alone (all text, as ingest reads)
 ``python -m benchmarks.million ingest PATH LEDGER`` mergekit's ingest into a fresh SQLite ledger
 
@@ -17,7 +18,7 @@ import time
 from benchmarks.rendering import sample_rows
 
 
-def write(path: str, rows: int) -> None:
+def write(path: str, rows: int, idn_every: int = 0) -> None:
     base = sample_rows(36)
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
@@ -26,7 +27,9 @@ def write(path: str, rows: int) -> None:
             row = base[i % len(base)]
             writer.writerow(
                 [
-                    f"m{i}.{row['email'].split('.', 1)[1]}",
+                    f"m{i}.{row['email'].split('.', 1)[1]}"
+                    if not idn_every or i % idn_every
+                    else f"m{i}@bücher.example",
                     row["name"],
                     f"{i:07d}",
                     row["city"],
@@ -74,7 +77,7 @@ def ingest(path: str, ledger_path: str) -> float:
 def main() -> None:
     command = sys.argv[1]
     if command == "write":
-        write(sys.argv[2], int(sys.argv[3]))
+        write(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
         print(json.dumps({"ok": True}))
     elif command == "pandas":
         print(json.dumps({"seconds": pandas_alone(sys.argv[2])}))

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import campaign as campaigns
+from .addresses import canonical_address
 from .dispatch import Rate, SendOptions, campaign_exit_code
 from .errors import MergekitError
 from .gallery import write_gallery
@@ -454,6 +455,7 @@ REPORT_FIELDS = (
     "next_attempt_at",
     "unknown_count",
     "updated_at",
+    "address",  # the canonical form of ``email`` (mergekit.addresses); last, so no column moves
 )
 
 
@@ -499,6 +501,7 @@ def _report_record(row: Any) -> dict[str, Any]:
     record = asdict(row)
     for name in ("next_attempt_at", "updated_at"):
         record[name] = campaigns.iso_time(record[name])
+    record["address"] = canonical_address(row.email)
     return record
 
 

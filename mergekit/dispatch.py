@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from .addresses import canonical_address
 from .errors import ConfigError, TransportError
-from .ledger import OPEN_STATES, Campaign, ClaimedRow, Ledger, RowUpdate, SharedRateLimiter
+from .ledger import OPEN_STATES, AddressClaim, Campaign, ClaimedRow, Ledger, RowUpdate, SharedRateLimiter
 from .render import Template
 from .transports.base import Message, Outcome, Status, Transport
 from .workers import Renderer, default_processes
@@ -283,6 +284,7 @@ class Dispatcher:
         self._started = time.time()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._claims: list[tuple[int, asyncio.Future[list[ClaimedRow]]]] = []
+        self._addresses: list[tuple[list[AddressClaim], asyncio.Future[dict[int, int]]]] = []
         self._records: list[tuple[list[RowUpdate], asyncio.Future[list[ClaimedRow]]]] = []
         self._ledger_task: asyncio.Task[None] | None = None
         self._unconfirmed: list[asyncio.Future[list[ClaimedRow]]] = []
@@ -402,6 +404,14 @@ class Dispatcher:
         self._serve_ledger()
         return await waiter
 
+    async def _claim_addresses(self, claims: list[AddressClaim]) -> dict[int, int]:
+        """Claim rendered rows' addresses in the next ledger round: the rows whose address another
+        row holds, with that row's number."""
+        waiter: asyncio.Future[dict[int, int]] = asyncio.get_running_loop().create_future()
+        self._addresses.append((claims, waiter))
+        self._serve_ledger()
+        return await waiter
+
     async def _write(self, updates: list[RowUpdate]) -> None:
         """Commit ``updates`` in the next ledger round; returns once committed."""
         waiter: asyncio.Future[list[ClaimedRow]] = asyncio.get_running_loop().create_future()
@@ -414,21 +424,30 @@ class Dispatcher:
             self._ledger_task = asyncio.create_task(self._ledger_rounds())
 
     async def _ledger_rounds(self) -> None:
-        while self._records or self._claims:
+        while self._records or self._claims or self._addresses:
             records, self._records = self._records, []
             claims, self._claims = self._claims, []
+            addresses, self._addresses = self._addresses, []
             updates = [update for batch, _ in records for update in batch]
             wanted = sum(limit for limit, _ in claims)
             try:
-                claimed = await self._db(self._ledger_round, updates, wanted)
+                taken, claimed = await self._db(
+                    self._ledger_round, updates, [claim for batch, _ in addresses for claim in batch], wanted
+                )
             except Exception as err:
-                for _, waiter in records + claims:
+                waiters: list[asyncio.Future[Any]] = [w for _, w in records + claims] + [
+                    w for _, w in addresses
+                ]
+                for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(err)
                 continue
             for _, waiter in records:
                 if not waiter.done():
                     waiter.set_result([])
+            for _, address_waiter in addresses:
+                if not address_waiter.done():
+                    address_waiter.set_result(taken)
             for limit, waiter in claims:
                 share, claimed = claimed[:limit], claimed[limit:]
                 if not waiter.done():
@@ -436,12 +455,15 @@ class Dispatcher:
                 elif share:  # its worker was cancelled meanwhile: the rows never left
                     self._records.append(([_put_back(row) for row in share], self._loop_future()))
 
-    def _ledger_round(self, updates: list[RowUpdate], wanted: int) -> list[ClaimedRow]:
+    def _ledger_round(
+        self, updates: list[RowUpdate], addresses: list[AddressClaim], wanted: int
+    ) -> tuple[dict[int, int], list[ClaimedRow]]:
         if updates:
             self.ledger.record(self.campaign, updates)
+        taken = self.ledger.claim_addresses(self.campaign, addresses) if addresses else {}
         if not wanted:
-            return []
-        return self.ledger.claim(
+            return taken, []
+        return taken, self.ledger.claim(
             self.campaign,
             wanted,
             states=self._states,
@@ -494,7 +516,31 @@ class Dispatcher:
                 batch.invalid.append(RowUpdate(row.id, "invalid", attempted=False, text=result))
             else:
                 batch.rendered.append((row, result))
+        if batch.rendered:
+            await self._drop_taken_addresses(batch)
         return batch
+
+    async def _drop_taken_addresses(self, batch: _Batch) -> None:
+        """Claim each rendered message's address; one whose address another row of the campaign
+        holds (a ``--key`` that kept them apart, a ``To:`` from another column) is ``duplicate``."""
+        claims = [AddressClaim(row.id, row.row, primary_address(message)) for row, message in batch.rendered]
+        try:
+            taken = await self._claim_addresses(claims)
+        except asyncio.CancelledError:
+            self._records.append(([_put_back(row) for row in batch.claimed], self._loop_future()))
+            self._serve_ledger()
+            raise
+        if not taken:
+            return
+        kept = []
+        for (row, message), claim in zip(batch.rendered, claims, strict=True):
+            holder = taken.get(row.id)
+            if holder is None:
+                kept.append((row, message))
+            else:
+                text = f"same address as row {holder} ({claim.address})"
+                batch.invalid.append(RowUpdate(row.id, "duplicate", attempted=False, text=text))
+        batch.rendered = kept
 
     async def _handle(self, batch: _Batch) -> None:
         rendered, updates = batch.rendered, batch.invalid
@@ -662,8 +708,9 @@ class Dispatcher:
             self._unconfirmed.append(waiter)
             self._serve_ledger()
         done = Counter(update.state for update in updates if update.state != "sending")
-        if "invalid" in done:
-            self.this_run["invalid"] += done["invalid"]
+        for state in ("invalid", "duplicate"):  # settled here, not by an outcome (see _update)
+            if done[state]:
+                self.this_run[state] += done[state]
         self.on_progress(done)
 
     def _backoff(self, attempt: int) -> float:
@@ -675,6 +722,14 @@ class Dispatcher:
         """Sleep, but wake at once when the run is stopped."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def primary_address(message: Message) -> str:
+    """The address a message is for, canonical: its first ``To:`` address, else its first envelope
+    recipient (a message with only ``Cc:``/``Bcc:``). Further recipients are not claimed: a ``Cc:``
+    the template gives every row would make every row but the first a duplicate."""
+    to = next((addresses for name, addresses in message.addresses if name == "to" and addresses), None)
+    return canonical_address(to[0][1] if to else message.envelope_to[0])
 
 
 def in_chunks(items: Sequence[T], size: Callable[[], int]) -> Iterator[Sequence[T]]:

@@ -46,10 +46,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
+from . import rekey
+from .addresses import canonical_address
 from .dispatch import THROTTLE_COOLDOWN, THROTTLE_FACTOR
 from .errors import ConfigError, LedgerError
 from .ledger import (
     STATES,
+    AddressClaim,
     Campaign,
     ClaimedRow,
     IngestCounts,
@@ -64,7 +67,9 @@ from .transports.base import redact_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: mergekit_campaigns.identity (see Campaign)
+# 2: mergekit_campaigns.identity (see Campaign), canonical recipient keys (older ledgers are
+# re-keyed), mergekit_envelopes
+SCHEMA_VERSION = 2
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
 RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
 _SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
@@ -113,6 +118,14 @@ CREATE TABLE IF NOT EXISTS mergekit_suppressions (
     source text NOT NULL,
     PRIMARY KEY (campaign_id, email)
 );
+-- The envelope address each rendered row claimed: one row of a campaign per address (issue 13).
+CREATE TABLE IF NOT EXISTS mergekit_envelopes (
+    campaign_id bigint NOT NULL REFERENCES mergekit_campaigns(id),
+    address text NOT NULL,
+    recipient_id bigint NOT NULL,
+    row integer NOT NULL,
+    PRIMARY KEY (campaign_id, address)
+);
 CREATE TABLE IF NOT EXISTS mergekit_rate (
     campaign_id bigint PRIMARY KEY REFERENCES mergekit_campaigns(id),
     per_second double precision NOT NULL,
@@ -120,6 +133,8 @@ CREATE TABLE IF NOT EXISTS mergekit_rate (
 );
 """
 
+_KEYED_COLUMNS = "id, campaign_id, row, key, occurrence, email, state"
+_NOT_ASCII = r"[^\x01-\x7f]"  # a regular expression: a character that is not ASCII
 _CAMPAIGN_COLUMNS = (
     "id, name, template_path, template_source, template_fingerprint, transport, created_at, settings,"
     " identity"
@@ -202,12 +217,80 @@ class PostgresLedger(Ledger):
     def _migrate(self) -> None:
         """Bring an earlier schema to this one (in the schema's transaction, under its lock).
         2: campaigns get an identity; one created before keeps its name as identity, which
-        derives the Message-IDs it has been sending with (unknown rows are resent with those)."""
+        derives the Message-IDs it has been sending with (unknown rows are resent with those); and
+        canonical recipient keys (:meth:`_rekey`)."""
         self._db.execute(
             "ALTER TABLE mergekit_campaigns ADD COLUMN IF NOT EXISTS identity text NOT NULL DEFAULT ''"
         )
         self._db.execute("UPDATE mergekit_campaigns SET identity = name WHERE identity = ''")
+        self._rekey()
         self._db.execute("UPDATE mergekit_schema SET version = %s", (SCHEMA_VERSION,))
+
+    def _rekey(self) -> None:
+        """Give a ledger of schema 1 canonical keys (see mergekit.rekey) and claim the addresses of
+        rows that may have left; in the schema's transaction, under its advisory lock."""
+        changing = [
+            row
+            for row in map(
+                rekey.KeyedRow._make,
+                self._db.execute(
+                    f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE email ~ '{_NOT_ASCII}'"  # type: ignore[arg-type]
+                ).fetchall(),
+            )
+            if rekey.is_old_address_key(row)
+        ]
+        new_keys = {(row.campaign_id, canonical_address(row.email)) for row in changing}
+        holding = [
+            rekey.KeyedRow._make(found)
+            for campaign_id, key in new_keys
+            for found in self._db.execute(
+                f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE campaign_id = %s AND key = %s",  # type: ignore[arg-type]
+                (campaign_id, key),
+            )
+        ]
+        changes = rekey.plan(changing, holding)
+        with self._db.cursor() as cursor:
+            # Out of the way first (occurrences are never negative), so no step meets a unique key twice.
+            cursor.executemany(
+                "UPDATE mergekit_recipients SET occurrence = -1 - id WHERE id = %s",
+                [(c.id,) for c in changes],
+            )
+            cursor.executemany(
+                "UPDATE mergekit_recipients SET key = %s, occurrence = %s, state = coalesce(%s, state),"
+                " last_text = coalesce(%s, last_text) WHERE id = %s",
+                [(c.key, c.occurrence, c.state, c.reason, c.id) for c in changes],
+            )
+            listed = self._db.execute(
+                "SELECT campaign_id, email, source FROM mergekit_suppressions"
+            ).fetchall()
+            cursor.executemany(
+                "INSERT INTO mergekit_suppressions VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                [(campaign_id, canonical_address(email), source) for campaign_id, email, source in listed],
+            )
+        went = " AND (state = ANY(%s) OR unknown_count > 0) ORDER BY state = 'sent' DESC, row"
+        # ASCII addresses in SQL (lower under the C collation folds ASCII letters only), the others here.
+        self._db.execute(
+            "INSERT INTO mergekit_envelopes (campaign_id, address, recipient_id, row)"  # type: ignore[arg-type]
+            ' SELECT campaign_id, lower(email COLLATE "C"), id, row FROM mergekit_recipients'
+            f" WHERE email !~ '{_NOT_ASCII}' {went} ON CONFLICT DO NOTHING",
+            (list(rekey.MAY_HAVE_LEFT),),
+        )
+        others = self._db.execute(
+            "SELECT campaign_id, email, id, row FROM mergekit_recipients"  # type: ignore[arg-type]
+            f" WHERE email ~ '{_NOT_ASCII}' {went}",
+            (list(rekey.MAY_HAVE_LEFT),),
+        ).fetchall()
+        for campaign_id, email, row_id, row in others:
+            self._claim(campaign_id, [AddressClaim(row_id, row, canonical_address(email))])
+
+    def _claim(self, campaign_id: int, claims: Sequence[AddressClaim]) -> None:
+        """Insert the claims in their order (the first for an address wins); a held address stays."""
+        self._db.execute(
+            "INSERT INTO mergekit_envelopes (campaign_id, address, recipient_id, row)"
+            " SELECT %s, address, id, row FROM unnest(%s::text[], %s::bigint[], %s::integer[])"
+            " WITH ORDINALITY AS c(address, id, row, n) ORDER BY n ON CONFLICT DO NOTHING",
+            (campaign_id, [c.address for c in claims], [c.id for c in claims], [c.row for c in claims]),
+        )
 
     # -- campaigns -----------------------------------------------------------
 
@@ -308,6 +391,10 @@ class PostgresLedger(Ledger):
         return IngestCounts(added, known)
 
     def suppress(self, campaign: Campaign, addresses: Mapping[str, str]) -> int:
+        """An ASCII address's canonical form is its lower-case, which SQL gives (``lower`` under
+        the C collation folds ASCII letters only, whatever the database's locale); the few other
+        addresses are compared here, by :func:`canonical_address`."""
+        now = time.time()
         with self._db.transaction():
             with self._db.cursor() as cursor:
                 cursor.executemany(
@@ -316,14 +403,52 @@ class PostgresLedger(Ledger):
                     [(campaign.id, email, source) for email, source in addresses.items()],
                 )
             updated = self._db.execute(
-                "UPDATE mergekit_recipients r SET state = 'suppressed', updated_at = %s,"
+                "UPDATE mergekit_recipients r SET state = 'suppressed', updated_at = %s,"  # type: ignore[arg-type]
                 " last_text = 'address listed in ' || s.source || ' (--suppress)'"
                 " FROM mergekit_suppressions s WHERE s.campaign_id = r.campaign_id"
-                " AND s.email = lower(trim(r.email)) AND r.campaign_id = %s"
-                " AND r.state IN ('pending', 'deferred', 'unknown')",
-                (time.time(), campaign.id),
+                ' AND s.email = lower(r.email COLLATE "C") AND r.campaign_id = %s'
+                f" AND r.state IN ('pending', 'deferred', 'unknown') AND r.email !~ '{_NOT_ASCII}'",
+                (now, campaign.id),
             )
-        return max(updated.rowcount, 0)
+            count = max(updated.rowcount, 0)
+            others = self._db.execute(
+                "SELECT r.id, r.email FROM mergekit_recipients r WHERE r.campaign_id = %s"  # type: ignore[arg-type]
+                f" AND r.state IN ('pending', 'deferred', 'unknown') AND r.email ~ '{_NOT_ASCII}'"
+                " AND EXISTS (SELECT 1 FROM mergekit_suppressions s WHERE s.campaign_id = r.campaign_id)",
+                (campaign.id,),
+            ).fetchall()
+            if others:
+                listed = dict(
+                    self._db.execute(
+                        "SELECT email, source FROM mergekit_suppressions WHERE campaign_id = %s",
+                        (campaign.id,),
+                    ).fetchall()
+                )
+                hits = [(row_id, listed[canonical_address(email)]) for row_id, email in others
+                        if canonical_address(email) in listed]  # fmt: skip
+                with self._db.cursor() as cursor:
+                    cursor.executemany(
+                        "UPDATE mergekit_recipients SET state = 'suppressed', updated_at = %s,"
+                        " last_text = 'address listed in ' || %s || ' (--suppress)' WHERE id = %s",
+                        [(now, source, row_id) for row_id, source in hits],
+                    )
+                count += len(hits)
+        return count
+
+    def claim_addresses(self, campaign: Campaign, claims: Sequence[AddressClaim]) -> dict[int, int]:
+        # Sorted by address (then row, so a batch's first row with an address wins): two workers
+        # inserting the same addresses wait for each other in one order, never in a deadlock.
+        ordered = sorted(claims, key=lambda claim: (claim.address, claim.row))
+        with self._db.transaction():
+            self._claim(campaign.id, ordered)
+            held = self._db.execute(
+                # LATERAL: one search of the primary key per claim, never a scan of the campaign's
+                "SELECT c.id, e.recipient_id, e.row FROM unnest(%s::bigint[], %s::text[]) AS c(id, address)"
+                " CROSS JOIN LATERAL (SELECT recipient_id, row FROM mergekit_envelopes"
+                "  WHERE campaign_id = %s AND address = c.address) AS e",
+                ([c.id for c in claims], [c.address for c in claims], campaign.id),
+            ).fetchall()
+        return {claimer: row for claimer, holder, row in held if holder != claimer}
 
     def recover(self, campaign: Campaign) -> int:
         """Turn rows whose lease expired (their worker died or lost the server) into ``unknown``.

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from email_validator import EmailNotValidError, validate_email
 from jinja2.sandbox import SandboxedEnvironment
 
 from . import bodies
+from .addresses import wire_address
 from .attachments import AttachmentFolder, AttachmentRefused, LoadedAttachment
 from .errors import RenderError, TemplateError
 from .transports.base import Message
@@ -470,42 +470,6 @@ def _parse_header_block(text: str, *, row: int, key: str) -> list[tuple[str, str
     return headers
 
 
-def _normalise_address(address: str) -> str:
-    """The address as it goes on the wire (IDNA domain), or ValueError with the reason.
-
-    An ASCII dot-atom local part (RFC 5322 3.4.1), the common case, needs no more
-    than a regex; its domain's verdict is email-validator's, cached per domain
-    (a campaign has few domains and one address per row, so caching whole
-    addresses would never hit). Anything else goes to email-validator whole.
-    """
-    local, at, domain = address.rpartition("@")
-    if at and len(local) <= _LOCAL_PART_MAX and _DOT_ATOM.match(local):
-        ascii_domain = _normalise_domain(domain)
-        if len(local) + 1 + len(ascii_domain) <= _ADDRESS_MAX:
-            return f"{local}@{ascii_domain}"
-    return _validate_address(address)
-
-
-# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: a local part of at most 64 octets, a path of at most 254.
-_LOCAL_PART_MAX = 64
-_ADDRESS_MAX = 254
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-
-
-@lru_cache(maxsize=4096)
-def _normalise_domain(domain: str) -> str:
-    """A domain's ASCII (IDNA) form as email-validator judges it, or ValueError with its reason."""
-    return _validate_address(f"a@{domain}").rpartition("@")[2]
-
-
-def _validate_address(address: str) -> str:
-    try:
-        result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError as err:
-        raise ValueError(str(err)) from None
-    return result.ascii_email or result.normalized
-
-
 def _parse_addresses(value: str, *, header: str, row: int | None, key: str | None) -> list[tuple[str, str]]:
     if not value:
         raise RenderError(f"header {header}: is empty", row=row, key=key, header=header)
@@ -530,7 +494,7 @@ def _parse_addresses(value: str, *, header: str, row: int | None, key: str | Non
     parsed = []
     for name, address in pairs:
         try:
-            parsed.append((name, _normalise_address(address)))
+            parsed.append((name, wire_address(address)))
         except ValueError as err:
             raise RenderError(
                 f"header {header}: address {address!r} is not valid: {err}", row=row, key=key, header=header

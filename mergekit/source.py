@@ -5,10 +5,11 @@ reads the file a block at a time with every column as text, so ``02134`` keeps
 its zero and a surname ``Null`` stays a surname. A row keeps its position
 (``row``: 1 is the first line after the header) for every message about it.
 
-The recipient key is the address from the email column, stripped and
-lower-cased (or the ``--key`` column as written). The first row with a key
-wins; later ones are ``duplicate`` (``occurrence`` counts them, which is how a
-resumed ingest recognises rows it has seen). Ingest only checks an address's
+The recipient key is the canonical form of the address in the email column
+(stripped, then :func:`~mergekit.addresses.canonical_address`: the mailbox the
+envelope reaches), or the ``--key`` column as written. The first row with a key
+wins; later ones are ``duplicate``, naming it (``occurrence`` counts them, which
+is how a resumed ingest recognises rows it has seen). Ingest only checks an address's
 shape, cheaply; the full check (email-validator, no DNS) runs when the row is
 rendered, spread over the send instead of holding up the start.
 
@@ -37,6 +38,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, overload
 
+from .addresses import canonical_address
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -89,7 +91,7 @@ class SourceOptions:
     encoding: str = DEFAULT_ENCODING
     email_column: str = "email"
     key_column: str | None = None
-    # ``--suppress``: lower-cased address -> the file that lists it.
+    # ``--suppress``: canonical address (see mergekit.addresses) -> the file that lists it.
     suppressed: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -223,7 +225,7 @@ def _int32_array(values: npt.NDArray[np.int32]) -> pa.Array:
 def pending_keys(layout: Layout, values: Sequence[list[str]]) -> tuple[list[str], list[str]]:
     """The addresses and keys of pending rows from their columns, as :class:`_Classifier` gave them."""
     emails = list(map(str.strip, values[layout.email_at]))
-    keys = list(map(str.lower, emails)) if layout.key_at is None else values[layout.key_at]
+    keys = list(map(canonical_address, emails)) if layout.key_at is None else values[layout.key_at]
     return emails, keys
 
 
@@ -353,12 +355,15 @@ class _Classifier:
     """Gives a chunk's rows their key, occurrence, state and reason, a column at a time.
 
     Rules, for each row in order: the address (stripped) must be there and have
-    an address's shape, else ``invalid``; the key is the lower-cased address or
-    the ``--key`` column's value (empty: ``invalid``), or ``(row N)`` when
-    empty; a row whose key came before is ``duplicate`` (invalid rows count as
-    having come); a ``pending`` row whose address is listed is ``suppressed``.
-    Strip and lower-case are Python's (``str.strip``, ``str.lower``), whichever
-    does the work: :func:`pending_keys` gives a pending row's again from its columns.
+    an address's shape, else ``invalid``; the key is the address's canonical form
+    (:func:`~mergekit.addresses.canonical_address`) or the ``--key`` column's
+    value (empty: ``invalid``), or ``(row N)`` when empty; a row whose key came
+    before is ``duplicate``, naming the row it first came in (invalid rows count
+    as having come); a ``pending`` row whose canonical address is listed is
+    ``suppressed``. Strip is Python's (``str.strip``); an ASCII address's
+    canonical form is its lower-case, which Arrow computes a column at a time,
+    and only the other addresses run Python code: :func:`pending_keys` gives a
+    pending row's key again from its columns.
     """
 
     def __init__(
@@ -377,12 +382,11 @@ class _Classifier:
         import pyarrow.compute as pc
 
         emails = pc.utf8_trim(values.column(self.email_at), characters=_WHITESPACE)
-        lowered: list[str] = []
+        addresses: list[str] = []
         if self.key_at is None or self._suppressed:
-            if pc.all(pc.string_is_ascii(emails)).as_py() is not False:
-                lowered = pc.utf8_lower(emails).to_pylist()
-            else:  # Arrow's lower-case of some letters is not Python's (e.g. İ)
-                lowered = [email.lower() for email in emails.to_pylist()]
+            addresses = pc.utf8_lower(emails).to_pylist()  # the canonical form of an ASCII address
+            for i in pc.indices_nonzero(pc.invert(pc.string_is_ascii(emails))).to_pylist():
+                addresses[i] = canonical_address(emails[i].as_py())
         states: dict[int, str] = {}
         reasons: dict[int, str] = {}
         column = self._email_column
@@ -395,32 +399,35 @@ class _Classifier:
                 if email
                 else f"column {column!r} is empty"
             )
-        keys: list[str] = lowered.copy() if self.key_at is None else values.column(self.key_at).to_pylist()
+        keys: list[str] = addresses.copy() if self.key_at is None else values.column(self.key_at).to_pylist()
         if "" in keys:
             for i in [i for i, key in enumerate(keys) if not key]:
                 if i not in states:  # only a --key column's value: an empty address is invalid
                     states[i], reasons[i] = "invalid", f"key column {self._key_column!r} is empty"
                 keys[i] = f"(row {first_row + i})"
-        occurrences = self._seen.count(keys)
+        occurrences, earlier = self._seen.count(keys, first_row)
+        same = "same recipient" if self.key_at is None else "same key"
         for i in np.flatnonzero(occurrences).tolist():
             if i not in states:
-                states[i], reasons[i] = "duplicate", f"same key as an earlier row ({keys[i]})"
+                states[i], reasons[i] = "duplicate", f"{same} as row {earlier[i]} ({keys[i]})"
         if self._suppressed:
             listed = self._suppressed
-            for i in [i for i, address in enumerate(lowered) if address in listed]:
+            for i in [i for i, address in enumerate(addresses) if address in listed]:
                 if i not in states:
                     states[i] = "suppressed"
-                    reasons[i] = f"address listed in {listed[lowered[i]]} (--suppress)"
+                    reasons[i] = f"address listed in {listed[addresses[i]]} (--suppress)"
         return Classes(keys, occurrences, emails, states, reasons)
 
 
 class SeenKeys:
-    """How many times each recipient key came before, in 16 bytes a key; or a set of keys (:meth:`holds`).
+    """How many times each recipient key came before and its first row, in 20 bytes a key; or a set
+    of keys (:meth:`holds`).
 
     A dict of the key strings took about 110 MB for a million rows, a third of
     the dry run's memory target (issue 6). Each key is kept as two independent
     64-bit hashes instead (Python's SipHash of the key, and of the key after a
-    NUL), sorted by the first: two different keys pass for one with a
+    NUL), sorted by the first, with the row it first came in (so a duplicate's
+    reason names that row): two different keys pass for one with a
     probability of about n²/2¹²⁹, 10⁻²⁷ for a million rows. Only rows whose
     first hash came before run Python code beyond the hashing; the counts of
     keys seen there (duplicates, mostly) are kept by their pair of hashes.
@@ -431,12 +438,15 @@ class SeenKeys:
     """
 
     def __init__(self) -> None:
-        # (first hashes sorted, second hashes beside them): no pair in two runs
-        self._runs: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
-        self._counted: dict[tuple[int, int], int] = {}  # rows so far with each pair met below
+        # (first hashes sorted, second hashes and first rows beside them): no pair in two runs
+        self._runs: list[_Run] = []
+        # rows so far with each pair met below, and the first of them
+        self._counted: dict[tuple[int, int], tuple[int, int]] = {}
 
-    def count(self, keys: list[str]) -> npt.NDArray[np.int64]:
-        """Each key's occurrence: how often it came before, in earlier chunks or earlier in ``keys``."""
+    def count(self, keys: list[str], first_row: int = 1) -> tuple[npt.NDArray[np.int64], dict[int, int]]:
+        """Each key's occurrence (how often it came before, in earlier chunks or earlier in
+        ``keys``), and for each key that came before, by position, the row it first came in
+        (``keys[i]`` is row ``first_row + i``)."""
         import numpy as np
 
         first, second = _hash_pairs(keys)
@@ -447,20 +457,26 @@ class SeenKeys:
         suspect[1:] |= same
         suspect[:-1] |= same
         occurrences = np.zeros(len(keys), np.int64)
+        earlier: dict[int, int] = {}
         new = ~suspect  # in sorted order: the pairs to store
         # In row order, so an earlier row of the chunk is counted before a later one.
         for at, i in sorted(
             zip(np.flatnonzero(suspect).tolist(), order[suspect].tolist(), strict=True), key=_second
         ):
             pair = (int(first[i]), int(second[i]))
-            before = self._counted.get(pair)
-            if before is None:  # not met here before: is it in a run?
-                before = int(self._holds(pair))
-                new[at] = not before
+            counted = self._counted.get(pair)
+            if counted is None:  # not met here before: is it in a run?
+                row = self._row_of(pair)
+                counted = (0, first_row + i) if row is None else (1, row)
+                new[at] = row is None
+            before, row = counted
+            if before:
+                earlier[i] = row
             occurrences[i] = before
-            self._counted[pair] = before + 1
-        self._add_run(ordered[new], second[order[new]])
-        return occurrences
+            self._counted[pair] = (before + 1, row)
+        rows = (order[new] + first_row).astype(np.int32)
+        self._add_run(_Run(ordered[new], second[order[new]], rows))
+        return occurrences, earlier
 
     def holds(self, keys: list[str]) -> npt.NDArray[np.bool_]:
         """Which of ``keys`` were counted before (without counting them)."""
@@ -469,13 +485,13 @@ class SeenKeys:
         first, second = _hash_pairs(keys)
         held = np.zeros(len(keys), dtype=bool)
         shared = np.zeros(len(keys), dtype=bool)  # a first hash that some counted key has
-        for firsts, seconds in self._runs:
+        for firsts, seconds, _ in self._runs:
             at = np.minimum(np.searchsorted(firsts, first), len(firsts) - 1)
             same_first = firsts[at] == first
             held |= same_first & (seconds[at] == second)
             shared |= same_first
         for i in np.flatnonzero(shared & ~held).tolist():  # other keys have its first hash
-            held[i] = self._holds((int(first[i]), int(second[i])))
+            held[i] = self._row_of((int(first[i]), int(second[i]))) is not None
         return held
 
     def _stored(self, ordered: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -483,29 +499,45 @@ class SeenKeys:
         import numpy as np
 
         stored = np.zeros(len(ordered), dtype=bool)
-        for firsts, _ in self._runs:
+        for firsts, _, _ in self._runs:
             at = np.minimum(np.searchsorted(firsts, ordered), len(firsts) - 1)
             stored |= firsts[at] == ordered
         return stored
 
-    def _holds(self, pair: tuple[int, int]) -> bool:
-        for firsts, seconds in self._runs:
+    def _row_of(self, pair: tuple[int, int]) -> int | None:
+        """The first row of the key with hashes ``pair``, if a run holds it."""
+        for firsts, seconds, rows in self._runs:
             start, end = firsts.searchsorted(pair[0], "left"), firsts.searchsorted(pair[0], "right")
-            if (seconds[start:end] == pair[1]).any():
-                return True
-        return False
+            found = (seconds[start:end] == pair[1]).nonzero()[0]
+            if len(found):
+                return int(rows[start + found[0]])
+        return None
 
-    def _add_run(self, firsts: npt.NDArray[np.int64], seconds: npt.NDArray[np.int64]) -> None:
+    def _add_run(self, run: _Run) -> None:
         import numpy as np
 
         runs = self._runs
-        if len(firsts):
-            runs.append((firsts, seconds))
-        while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
-            (later, later_seconds), (earlier, earlier_seconds) = runs.pop(), runs.pop()
-            joined = np.concatenate((earlier, later))
+        if len(run.firsts):
+            runs.append(run)
+        while len(runs) > 1 and len(runs[-2].firsts) <= 2 * len(runs[-1].firsts):
+            later, earlier = runs.pop(), runs.pop()
+            joined = np.concatenate((earlier.firsts, later.firsts))
             order = np.argsort(joined, kind="stable")  # a merge of two sorted runs
-            runs.append((joined[order], np.concatenate((earlier_seconds, later_seconds))[order]))
+            runs.append(
+                _Run(
+                    joined[order],
+                    np.concatenate((earlier.seconds, later.seconds))[order],
+                    np.concatenate((earlier.rows, later.rows))[order],
+                )
+            )
+
+
+class _Run(NamedTuple):
+    """Keys' first hashes sorted, with their second hashes and first rows beside them."""
+
+    firsts: npt.NDArray[np.int64]
+    seconds: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.int32]
 
 
 def _hash_pairs(keys: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

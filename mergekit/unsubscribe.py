@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from .addresses import canonical_address
 from .errors import ConfigError, InputError
 
 SECRET_VARIABLE = "MERGEKIT_UNSUBSCRIBE_SECRET"
@@ -138,7 +139,8 @@ def list_id_address(campaign: str, domain: str) -> str:
 
 
 def read_suppression(paths: Iterable[str | Path], *, email_column: str = "email") -> dict[str, str]:
-    """Every suppressed address (lower-cased) mapped to the file that lists it.
+    """Every suppressed address, in its canonical form (any spelling of a mailbox suppresses every
+    spelling: see :mod:`mergekit.addresses`), mapped to the file that lists it.
 
     :raises InputError: a file is missing, not UTF-8, or a CSV without an email column.
     """
@@ -173,7 +175,7 @@ def read_suppression(paths: Iterable[str | Path], *, email_column: str = "email"
                 hint="Name the address column 'email', or list one address per line",
             )
         for address in addresses:
-            address = address.strip().lower()
+            address = canonical_address(address.strip())
             if address:
                 found.setdefault(address, name)
     return found

@@ -87,7 +87,7 @@ def test_messy_spreadsheet_csv(smtp_server: SmtpServer, tmp_path: Path) -> None:
         "report", "--format", "json", "--state", "invalid", "--state", "duplicate", cwd=tmp_path
     )
     reasons = {r["row"]: (r["state"], r["last_text"]) for r in json.loads(out)}
-    assert reasons[3][0] == "duplicate" and "earlier row" in reasons[3][1]
+    assert reasons[3] == ("duplicate", "same recipient as row 1 (ann@example.org)")
     assert reasons[4][0] == "invalid" and "not an email address" in reasons[4][1]
     assert reasons[5][0] == "invalid" and "header To" in reasons[5][1] and "CR" in reasons[5][1]
 

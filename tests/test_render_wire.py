@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergekit.addresses import validate_address as _validate_address
 from mergekit.errors import RenderError
 from mergekit.render import (
     _SINGLE_ANGLE_ADDRESS,
     Template,
     TemplateSource,
     _parse_addresses,
-    _validate_address,
 )
 
 TEMPLATE = """\

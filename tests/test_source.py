@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mergekit.addresses import canonical_address
 from mergekit.errors import ConfigError, InputError
 from mergekit.source import SourceOptions, SourceRow, ingest_columns, read_rows
 
@@ -51,7 +52,7 @@ def test_states_and_reasons(tmp_path: Path) -> None:
     rows = rows_of(write(tmp_path, MESSY))
     assert [r.state for r in rows] == ["pending", "pending", "duplicate", "invalid", "invalid", "pending"]
     assert rows[2].key == "ann@example.org" and rows[2].occurrence == 1
-    assert "earlier row" in rows[2].reason
+    assert rows[2].reason == "same recipient as row 1 (ann@example.org)"
     assert "not an email address" in rows[3].reason
     assert "empty" in rows[4].reason
     assert [r.row for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -131,7 +132,7 @@ def reference_rows(path: Path, options: SourceOptions) -> list[Classified]:
         state = "pending"
         if not email or not re.match(r"[^@\s]+@[^@\s]+\.[^@\s.]+\Z", email):
             state = "invalid"
-        key = email.lower()
+        key = canonical_address(email)
         if options.key_column is not None:
             key = data[options.key_column]
             if not key and state == "pending":
@@ -141,13 +142,31 @@ def reference_rows(path: Path, options: SourceOptions) -> list[Classified]:
         seen[key] = occurrence + 1
         if occurrence and state == "pending":
             state = "duplicate"
-        if state == "pending" and email.lower() in options.suppressed:
+        if state == "pending" and canonical_address(email) in options.suppressed:
             state = "suppressed"
         out.append((number, key, occurrence, email, data, state))
     return out
 
 
-CELL = st.sampled_from(["a@example.org", " A@Example.org ", "b@example.org", "", "x", "5", "%s", 'q"\\'])
+CELL = st.sampled_from(
+    [
+        "a@example.org",
+        " A@Example.org ",
+        "b@example.org",
+        "",
+        "x",
+        "5",
+        "%s",
+        'q"\\',
+        # one mailbox in four spellings (U-label, A-label, NFD, a full-width letter), and İ,
+        # whose lower-case is not Arrow's
+        "b@bücher.example",
+        "B@XN--BCHER-KVA.example",
+        "b@bu\u0308cher.example",
+        "b@\uff42ücher.example",
+        "İ@example.org",
+    ]
+)
 TABLE = st.lists(st.tuples(CELL, CELL, CELL), max_size=40)
 
 
@@ -168,11 +187,17 @@ def test_chunks_classify_as_row_by_row(
     out = io.StringIO()
     csv.writer(out).writerows([("email", "id", "id"), *table])
     path = write(tmp_path, out.getvalue())
-    options = SourceOptions(key_column="id" if key else None, suppressed={"b@example.org": "stop.csv"})
+    suppressed = {"b@example.org": "stop.csv", "b@xn--bcher-kva.example": "stop.csv"}
+    options = SourceOptions(key_column="id" if key else None, suppressed=suppressed)
     chunks = list(read_rows(path, options))
     got = [(r.row, r.key, r.occurrence, r.email, r.data, r.state) for c in chunks for r in c]
     assert got == reference_rows(path, options)
     assert all(r.reason for c in chunks for r in c if r.state != "pending")
+    first: dict[str, int] = {}
+    for r in (r for c in chunks for r in c):
+        first.setdefault(r.key, r.row)
+        if r.state == "duplicate":  # the reason names the row the key first came in
+            assert f" as row {first[r.key]} ({r.key})" in r.reason
 
 
 def test_columns_encode_data_as_json_dumps(tmp_path: Path) -> None:
@@ -201,3 +226,6 @@ def test_keys_sharing_a_hash_stay_apart(tmp_path: Path, monkeypatch: pytest.Monk
     rows = rows_of(path)
     assert [r.occurrence for r in rows] == [0, 0, 0, 1, 1, 0, 1, 2]
     assert [r.state for r in rows] == ["pending"] * 3 + ["duplicate"] * 2 + ["pending"] + ["duplicate"] * 2
+    assert [r.reason.split(" (")[0] for r in rows if r.state == "duplicate"] == [
+        f"same recipient as row {first}" for first in (1, 3, 2, 1)
+    ]
