@@ -40,14 +40,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
 from .dispatch import THROTTLE_COOLDOWN, THROTTLE_FACTOR
-from .errors import ConfigError, LedgerError
+from .errors import ConfigError, LedgerError, LedgerStorageError
 from .ledger import (
     STATES,
     Campaign,
@@ -62,6 +62,7 @@ from .source import SourceRow, ingest_columns
 from .transports.base import redact_url
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
@@ -175,6 +176,14 @@ class PostgresLedger(Ledger):
         self._side_lock = threading.Lock()
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
+
+    def _guard(self, operation: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except psycopg.Error as err:
+            raise LedgerStorageError(
+                f"the PostgreSQL ledger failed: {_first_line(err)}", path=self.path
+            ) from None
 
     def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
         return psycopg.connect(conninfo, autocommit=True, application_name="mergekit", connect_timeout=10)
