@@ -297,6 +297,13 @@ class Ledger(ABC):
     def is_locked(self, campaign: Campaign) -> bool:
         """True while some process holds the campaign for sending."""
 
+    leases = False  # True where claims are leases that can lapse under a live process (PostgreSQL)
+
+    def still_held(self, rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
+        """The claimed ``rows`` this process still holds (with ``leases``: whose lease has not
+        lapsed and been taken over); dispatch sends no other."""
+        return list(rows)
+
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> SharedRateLimiter | None:
         """The campaign-wide limiter at ``per_second``, when several processes send one campaign.
 

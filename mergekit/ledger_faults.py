@@ -42,6 +42,7 @@ OPERATIONS = (
     "recovered_unknown",
     "next_due",
     "rows",
+    "still_held",
     "lock_for_send",
     "is_locked",
     "rate_limiter",

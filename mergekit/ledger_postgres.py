@@ -167,6 +167,7 @@ class PostgresLedger(Ledger):
         self._conninfo = conninfo
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._in_doubt = False  # a claim's COMMIT is on its way: its outcome unknown if cut off
+        self._lease_sure_until = 0.0  # monotonic time until which this worker's leases surely hold
         opened: list[psycopg.Connection[Any]] = []
         try:
             opened.append(self._connect(conninfo))
@@ -406,6 +407,7 @@ class PostgresLedger(Ledger):
         self.recover(campaign)
         claimed: list[ClaimedRow] = []
         now = time.time()
+        started = time.monotonic()
         with self._db.transaction():
             for state in states:
                 if len(claimed) >= limit:
@@ -435,6 +437,7 @@ class PostgresLedger(Ledger):
             self._in_doubt = True  # from here a lost connection may or may not have committed it
         self._in_doubt = False
         if claimed:
+            self._lease_renewed(started)
             self._start_renewing()
         claimed.sort(key=lambda row: row.id)
         return claimed
@@ -541,6 +544,29 @@ class PostgresLedger(Ledger):
         ).fetchone()
         return bool(found and found[0])
 
+    leases = True
+
+    def still_held(self, rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
+        """All of ``rows`` while the last claim or renewal is recent enough; else (this process was
+        paused, or cut off) those the database still shows as this worker's, their leases renewed."""
+        if time.monotonic() < self._lease_sure_until or not rows:
+            return list(rows)
+        held = {
+            row_id
+            for (row_id,) in self._db.execute(
+                "UPDATE mergekit_recipients"
+                " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
+                " WHERE id = ANY(%s) AND worker_id = %s AND state = 'sending' RETURNING id",
+                (self.lease, [row.id for row in rows], self.worker_id),
+            )
+        }
+        return [row for row in rows if row.id in held]
+
+    def _lease_renewed(self, at: float) -> None:
+        """Leases were pushed forward at ``at`` (monotonic, taken before the statement): they hold
+        until a lease later, less a renewal's slack for the clocks' drift and the round trip."""
+        self._lease_sure_until = max(self._lease_sure_until, at + self.lease * (1 - 1 / RENEWALS_PER_LEASE))
+
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> PostgresRateLimiter | None:
         """The campaign's shared token bucket at ``per_second`` (which this call sets), or None."""
         if not per_second:
@@ -561,12 +587,14 @@ class PostgresLedger(Ledger):
     def _renew_leases(self) -> None:
         while not self._stop_renewing.wait(self.lease / RENEWALS_PER_LEASE):
             try:
+                started = time.monotonic()
                 self._on_side(
                     "UPDATE mergekit_recipients"
                     " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
                     " WHERE worker_id = %s AND state = 'sending'",
                     (self.lease, self.worker_id),
                 )
+                self._lease_renewed(started)
             except LedgerStorageError as err:  # the next renewal may succeed; the lease has slack
                 log.warning("could not renew this worker's leases: %s", err.message)
 

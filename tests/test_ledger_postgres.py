@@ -209,6 +209,33 @@ def test_late_outcomes_are_fenced(postgres_url: str) -> None:
     fast.close()
 
 
+def test_a_paused_worker_sends_only_rows_it_still_holds(postgres_url: str) -> None:
+    """After a pause longer than its lease (the clock jumps), a worker asks the database which of
+    its claimed rows are still its own before sending them; those are renewed."""
+    slow = PostgresLedger(postgres_url + "?lease=2", worker_id="slow")
+    campaign = start(slow)
+    slow.ingest(campaign, [rows(4)])
+    held = slow.claim(campaign, 4, states=("pending",), due_before=None)
+    assert slow.still_held(held) == held  # just claimed: no question asked
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("UPDATE mergekit_recipients SET lease_expires_at = now() - interval '1 second'")
+    fast = PostgresLedger(postgres_url, worker_id="fast")
+    taken = fast.claim(campaign, 2, states=("unknown",), due_before=None)
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # two rows still 'sending' as slow's
+        db.execute("UPDATE mergekit_recipients SET state = 'sending' WHERE worker_id = 'slow'")
+    later = time.monotonic() + 60
+    with patch("mergekit.ledger_postgres.time.monotonic", return_value=later):
+        kept = slow.still_held(held)
+    assert [row.id for row in kept] == [row.id for row in held if row.id not in {t.id for t in taken}]
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # the kept rows' leases run again
+        live = db.execute(
+            "SELECT count(*) FROM mergekit_recipients WHERE worker_id = 'slow' AND lease_expires_at > now()"
+        ).fetchone()
+    assert live == (2,)
+    slow.close()
+    fast.close()
+
+
 def test_an_outcome_written_twice_counts_once(postgres_url: str) -> None:
     """``record`` run again after a lost connection (its first COMMIT may have landed) is a no-op."""
     ledger = PostgresLedger(postgres_url, worker_id="w")
