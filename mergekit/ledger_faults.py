@@ -51,8 +51,9 @@ OPERATIONS = (
 
 RESUME = "then run the same command again to resume"
 RECOVER = (
-    "Keep the file as it is: `sqlite3 {path} .recover | sqlite3 recovered.db` salvages its rows, "
-    "then resume with --ledger recovered.db (a new, empty ledger would mail every recipient again)"
+    "Do not start again with a new ledger, which would mail every recipient again: put back a "
+    "backup of {path}, or salvage its rows with the sqlite3 tool (.recover or .dump) into a new "
+    "file and resume with --ledger NEWFILE (rows it cannot salvage are mailed again)"
 )
 
 
