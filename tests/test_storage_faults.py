@@ -58,10 +58,22 @@ class Campaign:
     ledger: Path
     command: list[str]
 
-    def start(self) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    def start(self, server: SmtpServer) -> subprocess.Popen[str]:
+        """The send, returned once the server holds 60 of its messages."""
+        process = subprocess.Popen(
             self.command, cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        wait_until_received(process, server, 60)
+        return process
+
+    def send(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command, cwd=self.folder, capture_output=True, text=True, timeout=120)
+
+    def resumes_to_the_end(self, server: SmtpServer) -> None:
+        """The same send, run again once the fault is gone, finishes the campaign with nothing lost."""
+        rerun = self.send()
+        assert rerun.returncode == 0, rerun.stderr
+        assert_complete(self, server)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, "--ledger", str(self.ledger), cwd=self.folder)
@@ -119,8 +131,7 @@ def assert_complete(run: Campaign, server: SmtpServer) -> tuple[int, int]:
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_full_disk_mid_run(tmp_path: Path, tmpfs: Path, server: SmtpServer, processes: str) -> None:
     run = campaign(tmp_path, tmpfs, server, "--processes", processes)
-    process = run.start()
-    wait_until_received(process, server, 60)
+    process = run.start(server)
     filler = tmpfs / "filler"
     with filler.open("wb") as file, contextlib.suppress(OSError):  # until the disk is full
         while True:
@@ -131,15 +142,12 @@ def test_full_disk_mid_run(tmp_path: Path, tmpfs: Path, server: SmtpServer, proc
     assert_one_line_error(done, 3, str(run.ledger), "disk holding it is full", "Free some space")
 
     filler.unlink()
-    rerun = subprocess.run(run.command, cwd=run.folder, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert_complete(run, server)
+    run.resumes_to_the_end(server)
 
 
 def test_ledger_deleted_mid_run_is_written_back(tmp_path: Path, tmpfs: Path, server: SmtpServer) -> None:
     run = campaign(tmp_path, tmpfs, server)
-    process = run.start()
-    wait_until_received(process, server, 60)
+    process = run.start(server)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{run.ledger}{suffix}").unlink()
     done = finish(run, process)
@@ -147,38 +155,32 @@ def test_ledger_deleted_mid_run_is_written_back(tmp_path: Path, tmpfs: Path, ser
     assert_one_line_error(done, 3, "deleted", f"back to {run.ledger}", "run the same command again")
     assert run.ledger.exists()
 
-    rerun = subprocess.run(run.command, cwd=run.folder, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert_complete(run, server)
+    run.resumes_to_the_end(server)
 
 
 def test_read_only_ledger_at_resume(tmp_path: Path, tmpfs: Path, server: SmtpServer) -> None:
     """A file system cannot be remounted read-only under a process writing to it (the kernel
     answers EBUSY), so the read-only ledger meets the run that resumes."""
     run = campaign(tmp_path, tmpfs, server)
-    process = run.start()
-    wait_until_received(process, server, 60)
+    process = run.start(server)
     process.terminate()
     stopped = finish(run, process)
     assert stopped.returncode == 3, stopped.stderr
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     before = len(server.messages)
     try:
-        done = subprocess.run(run.command, cwd=run.folder, capture_output=True, text=True, timeout=120)
+        done = run.send()
         assert_one_line_error(done, 3, str(run.ledger), "read-only", "Make it writable")
         assert len(server.messages) == before  # nothing left without its row being marked first
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
 
-    rerun = subprocess.run(run.command, cwd=run.folder, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert_complete(run, server)
+    run.resumes_to_the_end(server)
 
 
 def test_damaged_ledger_is_refused_with_what_to_do(tmp_path: Path, tmpfs: Path, server: SmtpServer) -> None:
     run = campaign(tmp_path, tmpfs, server)
-    process = run.start()
-    wait_until_received(process, server, 60)
+    process = run.start(server)
     process.terminate()
     assert finish(run, process).returncode == 3
     before = len(server.messages)
@@ -187,7 +189,7 @@ def test_damaged_ledger_is_refused_with_what_to_do(tmp_path: Path, tmpfs: Path, 
         file.seek(4096)
         file.write(os.urandom(size - 4096))
 
-    done = subprocess.run(run.command, cwd=run.folder, capture_output=True, text=True, timeout=120)
+    done = run.send()
     # Found when the command opens it: exit 2, nothing started (mid-run it would be 3).
     assert_one_line_error(done, 2, str(run.ledger), "damaged", "new ledger", "backup", ".recover")
     assert len(server.messages) == before  # nothing sent from a ledger it cannot trust
