@@ -18,9 +18,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from mergekit.errors import LedgerStorageError
+from mergekit.ledger_postgres import PostgresLedger
 from tests.conftest import REQUIRE_ENV, run_cli
 from tests.helpers import wait_until_received
 from tests.smtpd import SmtpServer
+from tests.test_ledger_postgres import start
 from tests.test_worker import by_recipient, make_campaign, start_worker
 
 ROWS = 1500
@@ -152,6 +155,25 @@ def test_a_worker_paused_past_its_lease(postgres_url: str, smtp_server: SmtpServ
     received = by_recipient(smtp_server)
     assert {address for address, ids in received.items() if len(ids) > 1} <= held
     print(f"pause: worker exits {codes}, held={len(held)}, {found}", file=sys.stderr)
+
+
+def test_a_server_gone_for_good_is_one_error(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the reconnect window the operation fails as a LedgerStorageError (one line, exit 3)."""
+    ctl = pg_ctl()
+    ledger = PostgresLedger(postgres_url)
+    campaign = start(ledger)
+    monkeypatch.setattr("mergekit.ledger_postgres.RECONNECT_WINDOW", 1.0)
+    subprocess.run([*ctl, "-w", "-m", "fast", "stop"], check=True, capture_output=True)
+    try:
+        with pytest.raises(LedgerStorageError) as raised:
+            ledger.counts(campaign)
+    finally:  # restart reads the options of the last start (postmaster.opts), port included
+        subprocess.run([*ctl, "-w", "-t", "60", "restart"], check=True, capture_output=True)
+    message = str(raised.value)
+    assert message.startswith("ledger postgresql://") and "could not reconnect for 1 s" in message
+    assert "\n" not in message and raised.value.exit_code == 3
+    assert ledger.counts(campaign)["pending"] == 0  # and back once the server is
+    ledger.close()
 
 
 pytestmark = pytest.mark.timeout(240)
