@@ -118,7 +118,7 @@ def sqlite_fault(err: sqlite3.Error, path: str, *, opening: bool = False) -> Led
     if primary not in _DAMAGED and _read_only_folder(path):  # SQLite says "unable to open" for it
         what, hint = _SQLITE_FAULTS[sqlite3.SQLITE_READONLY]
     elif opening and primary in _DAMAGED:
-        hint = f"Point --ledger at a mergekit ledger file, or a new path. If this is your ledger: {RECOVER}"
+        hint = f"If it is not your ledger, point --ledger at the right file. If it is: {RECOVER}"
         return LedgerError(f"cannot open the ledger: {what}", path=path, hint=hint.format(path=path))
     elif opening and primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         hint = "Point --ledger at a file in an existing folder you may write to"
