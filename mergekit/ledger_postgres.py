@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -167,7 +168,9 @@ class PostgresLedger(Ledger):
         self._conninfo = conninfo
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._in_doubt = False  # a claim's COMMIT is on its way: its outcome unknown if cut off
-        self._lease_sure_until = 0.0  # monotonic time until which this worker's leases surely hold
+        # Monotonic time until which this worker's leases surely hold: None before its first
+        # claim, -inf once they lapsed (paused, cut off), after which it always asks (still_held).
+        self._lease_sure_until: float | None = None
         opened: list[psycopg.Connection[Any]] = []
         try:
             opened.append(self._connect(conninfo))
@@ -549,7 +552,8 @@ class PostgresLedger(Ledger):
     def still_held(self, rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
         """All of ``rows`` while the last claim or renewal is recent enough; else (this process was
         paused, or cut off) those the database still shows as this worker's, their leases renewed."""
-        if time.monotonic() < self._lease_sure_until or not rows:
+        sure_until = self._lease_sure_until
+        if not rows or (sure_until is not None and time.monotonic() < sure_until):
             return list(rows)
         held = {
             row_id
@@ -564,8 +568,14 @@ class PostgresLedger(Ledger):
 
     def _lease_renewed(self, at: float) -> None:
         """Leases were pushed forward at ``at`` (monotonic, taken before the statement): they hold
-        until a lease later, less a renewal's slack for the clocks' drift and the round trip."""
-        self._lease_sure_until = max(self._lease_sure_until, at + self.lease * (1 - 1 / RENEWALS_PER_LEASE))
+        until a lease later, less a renewal's slack for the clocks' drift and the round trip.
+        A renewal that comes after they could have lapsed renews only the rows still this
+        worker's: from then on, :meth:`still_held` asks the database before every batch."""
+        sure_until = self._lease_sure_until
+        if sure_until is not None and at > sure_until:
+            self._lease_sure_until = -math.inf
+        elif sure_until != -math.inf:
+            self._lease_sure_until = max(sure_until or 0.0, at + self.lease * (1 - 1 / RENEWALS_PER_LEASE))
 
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> PostgresRateLimiter | None:
         """The campaign's shared token bucket at ``per_second`` (which this call sets), or None."""

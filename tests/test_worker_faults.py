@@ -154,6 +154,8 @@ def test_a_worker_paused_past_its_lease(postgres_url: str, smtp_server: SmtpServ
     found = assert_nothing_lost(postgres_url, smtp_server, tmp_path)
     received = by_recipient(smtp_server)
     assert {address for address, ids in received.items() if len(ids) > 1} <= held
+    # Only the batches on the wire went twice, not those it had claimed and rendered next.
+    assert found["duplicates"] < len(held), "the paused worker sent rows another worker had taken"
     print(f"pause: worker exits {codes}, held={len(held)}, {found}", file=sys.stderr)
 
 
