@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .dispatch import Dispatcher, Rate, RunResult, SendOptions
-from .errors import ConfigError, LedgerError, RenderError
+from .errors import ConfigError, LedgerError, LedgerStorageError, RenderError
 from .ledger import STATES, Campaign, Ledger, LedgerRow, SqliteLedger, open_ledger
 from .render import Template, TemplateSource
 from .senders import Senders, run_dispatcher, sending_processes
@@ -420,6 +420,8 @@ async def _work(
         while not stopping.is_set():
             try:
                 record = ledger.find_campaign(name)
+            except LedgerStorageError:
+                raise  # not a campaign yet to appear: the ledger itself failed
             except LedgerError:
                 if not follow:
                     raise

@@ -572,6 +572,10 @@ class Dispatcher:
             # After a throttle the batch size shrinks; a retry goes out in chunks of it, each
             # waiting for the rate limiter, rather than as one burst the server refuses again.
             for chunk in in_chunks(remaining, lambda: self.batch_size):
+                if self.ledger.leases:
+                    chunk = await self._still_held(chunk)
+                    if not chunk:
+                        continue
                 await self.limiter.acquire(len(chunk))
                 outcomes = await self._send([message for _, message in chunk], chunk)
                 final = last_try or self._stopping.is_set()
@@ -612,6 +616,18 @@ class Dispatcher:
                 )
                 self.this_run["deferred"] += len(remaining)
                 return
+
+    async def _still_held(
+        self, chunk: Sequence[tuple[ClaimedRow, Message]]
+    ) -> Sequence[tuple[ClaimedRow, Message]]:
+        """The rows of ``chunk`` whose lease this worker still holds: a worker paused past its
+        lease (SIGSTOP, a stalled VM) must not send rows another worker has taken over."""
+        held = {row.id for row in await self._db(self.ledger.still_held, [row for row, _ in chunk])}
+        if len(held) < len(chunk):
+            log.warning(
+                "%d rows not sent: this worker's lease lapsed and another took them", len(chunk) - len(held)
+            )
+        return [item for item in chunk if item[0].id in held]
 
     def _throttle(self, retry_after: float, reply: str) -> None:
         """Lower the run's rate, and the batch size with it (about a second of the rate) where a

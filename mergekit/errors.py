@@ -8,7 +8,9 @@
     ├── TemplateError (ValueError)    a template that does not compile: ``path``, ``line``
     ├── RenderError (ValueError)      one row that does not render: ``row``, ``key``, ``header``
     ├── LedgerError                   the ledger cannot be used: ``path``
-    │   └── LedgerBusyError           another ``mergekit send`` holds it
+    │   ├── LedgerBusyError           another ``mergekit send`` holds it
+    │   └── LedgerStorageError        its storage failed in use (disk full, read-only, deleted,
+    │                                 damaged, connection lost): exit 3, resumable once fixed
     └── TransportError (ConnectionError)  a transport cannot work at all:
                                       ``transport``, ``endpoint``, ``code``, ``reply``
 
@@ -118,6 +120,13 @@ class LedgerError(MergekitError):
 
 class LedgerBusyError(LedgerError):
     """Another running ``mergekit send`` holds this ledger."""
+
+
+class LedgerStorageError(LedgerError):
+    """The ledger's storage failed while in use; what it committed stands, so the campaign
+    resumes (exit 3) when the same command runs again once the fault is gone."""
+
+    exit_code = 3
 
 
 class TransportError(MergekitError, ConnectionError):

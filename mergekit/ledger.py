@@ -30,6 +30,7 @@ resend rows uncounted, so mergekit does not offer it (README "Guarantees").
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -38,14 +39,15 @@ import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from . import rekey
 from .addresses import canonical_address
 from .errors import LedgerBusyError, LedgerError
+from .ledger_faults import OPERATIONS, FileIdentity, guarded, save_orphan, sqlite_errors, sqlite_uri
 from .ledger_file import LedgerFile
 from .source import (
     IngestColumns,
@@ -63,6 +65,7 @@ from .source import (
 if TYPE_CHECKING:
     import pyarrow as pa
 
+T = TypeVar("T")
 STATES = ("pending", "sending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed", "unknown")
 # Rows still to be delivered: a campaign with any of these is resumable (exit 3).
 OPEN_STATES = frozenset({"pending", "sending", "deferred", "unknown"})
@@ -192,9 +195,24 @@ class SharedRateLimiter(Protocol):
 
 
 class Ledger(ABC):
-    """What dispatch and the commands need from a ledger; each call is one transaction."""
+    """What dispatch and the commands need from a ledger; each call is one transaction.
+
+    Every operation runs through the engine's :meth:`_guard` (wrapped here, for each
+    engine's own methods), so a driver error always reaches the caller as a
+    :class:`~mergekit.errors.LedgerError` (:mod:`.ledger_faults`).
+    """
 
     path: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in OPERATIONS:
+            if name in cls.__dict__:
+                setattr(cls, name, guarded(cls.__dict__[name]))
+
+    @abstractmethod
+    def _guard(self, operation: str, call: Callable[[], T]) -> T:
+        """``call()`` (the ledger operation named), its driver's errors raised as mergekit's."""
 
     @abstractmethod
     def open_campaign(
@@ -210,6 +228,7 @@ class Ledger(ABC):
     ) -> Campaign:
         """Create the campaign or check it against the template it was started with."""
 
+    @guarded
     def find_campaign(self, name: str | None) -> Campaign:
         """The campaign named, or the only one, or else the most recent."""
         if name is None:
@@ -332,6 +351,13 @@ class Ledger(ABC):
     def is_locked(self, campaign: Campaign) -> bool:
         """True while some process holds the ledger for sending this campaign."""
 
+    leases = False  # True where claims are leases that can lapse under a live process (PostgreSQL)
+
+    def still_held(self, rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
+        """The claimed ``rows`` this process still holds (with ``leases``: whose lease has not
+        lapsed and been taken over); dispatch sends no other."""
+        return list(rows)
+
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> SharedRateLimiter | None:
         """The campaign-wide limiter at ``per_second``, when several processes send one campaign.
 
@@ -425,34 +451,38 @@ _KEYED_COLUMNS = "id, campaign_id, row, key, occurrence, email, state"
 class SqliteLedger(Ledger):
     """The embedded ledger: one SQLite file in WAL mode, safe against a process kill."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, create: bool = True) -> None:
+        """Open (or with ``create``, create) the ledger file at ``path``."""
         self.path = path
         self._sending: str | None = None  # the campaign this ledger holds the file for
         self._decoded: tuple[int, pa.RecordBatch] | None = None  # the block last read
+        self._identity: FileIdentity | None = None
         # Before SQLite opens it: the send lock's descriptor must outlive every connection.
-        self._file = LedgerFile.open(path) if path != ":memory:" else None
-        db: sqlite3.Connection | None = None
+        self._file = LedgerFile.open(path, create=create) if path != ":memory:" else None
         try:
-            db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # What suppression compares a row's address by; SQL's own lower() for ASCII (the same)
-            self._db.create_function("mergekit_address", 1, canonical_address, deterministic=True)
-            self._db.executescript(_SCHEMA)
-            self._check_version()
-        except BaseException as err:
-            if db is not None:
-                db.close()
+            with sqlite_errors(path, opening=True):
+                plain = create or path == ":memory:"
+                target, uri = (path, False) if plain else (sqlite_uri(path, "rw"), True)
+                self._db = sqlite3.connect(
+                    target, isolation_level=None, check_same_thread=False, timeout=30, uri=uri
+                )
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=FULL")
+                    self._db.execute("PRAGMA foreign_keys=ON")
+                    # What suppression compares a row's address by; SQL's own lower() for ASCII (the same)
+                    self._db.create_function("mergekit_address", 1, canonical_address, deterministic=True)
+                    self._db.executescript(_SCHEMA)
+                    self._check_version()
+                except BaseException:
+                    self._db.close()
+                    raise
+        except BaseException:
             if self._file is not None:
                 self._file.release()
-            if not isinstance(err, sqlite3.DatabaseError):
-                raise
-            raise LedgerError(
-                f"cannot open the ledger: {err}",
-                path=path,
-                hint="Point --ledger at a mergekit ledger file, or a new path",
-            ) from err
+            raise
+        if path != ":memory:":
+            self._identity = FileIdentity(path)
 
     def _check_version(self) -> None:
         found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -1055,8 +1085,34 @@ class SqliteLedger(Ledger):
 
     # -- helpers -------------------------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _guard(self, operation: str, call: Callable[[], T]) -> T:
+        with sqlite_errors(self.path):
+            return call()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error): one write transaction.
+
+        The file is checked before and after: SQLite goes on writing into a ledger
+        file deleted meanwhile, so a run would record into nothing (ledger_faults).
+        """
+        self._check_file()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (disk full) leaves the transaction open; a failed statement may
+            # have rolled it back already. The first error is the one to report.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+        self._check_file()
+
+    def _check_file(self) -> None:
+        if self._identity is not None and self._identity.changed():
+            raise save_orphan(self._db, self._identity)
 
 
 class _Block(NamedTuple):
@@ -1128,19 +1184,6 @@ class _BlockRows:
             strict=True,
         )
         return "[" + ",".join(map("[%d,%s,%d,%s,%s]".__mod__, entries)) + "]"
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error): one write transaction."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
 def _alive(pid: int) -> bool:

@@ -47,14 +47,15 @@ class LedgerFile:
         self.held = False  # by a ledger of this process (or, in a forked sender, of its parent)
 
     @classmethod
-    def open(cls, path: str) -> LedgerFile:
-        """The file at ``path`` (created empty if missing), for one more ledger of this process.
+    def open(cls, path: str, *, create: bool = True) -> LedgerFile:
+        """The file at ``path`` (with ``create``, created empty if missing), for one more ledger of
+        this process.
 
         :raises LedgerError: it cannot be opened, or it has more than one name.
         """
         with cls._guard:
             try:
-                entry = cls._entry(path)
+                entry = cls._entry(path, create)
                 links = os.fstat(entry._fd).st_nlink
             except OSError as err:
                 raise LedgerError(
@@ -74,7 +75,7 @@ class LedgerFile:
         return entry
 
     @classmethod
-    def _entry(cls, path: str) -> LedgerFile:
+    def _entry(cls, path: str, create: bool) -> LedgerFile:
         """The registered entry of the file at ``path``, or a new one (called under the guard)."""
         try:
             found = os.stat(path)
@@ -84,7 +85,7 @@ class LedgerFile:
             known = cls._open.get((found.st_dev, found.st_ino))
             if known is not None:
                 return known
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
         info = os.fstat(fd)
         entry = cls._open[info.st_dev, info.st_ino] = LedgerFile(fd, (info.st_dev, info.st_ino))
         return entry

@@ -17,8 +17,16 @@ what differs is how rows are claimed and how a dead sender is noticed:
   campaign's ``--unknown`` rule then resends them with the same Message-ID or
   leaves them.
 - **Late outcomes** are fenced: a worker writes a row's outcome only while the
-  row is still its own (``worker_id``), except ``sent``, which always wins, so
-  a slow worker's "deferred" never overwrites another's delivery.
+  row is still ``sending`` under its own id, whether or not its lease has
+  lapsed meanwhile (nobody else took the row). Once another worker has
+  recovered the row, only a late ``sent`` is still written, and only while the
+  row is ``unknown`` under this worker's id (recovered, not yet claimed again):
+  a row another worker holds or has settled keeps that worker's outcome.
+- **A lost connection** (server restarted, backend terminated) is reconnected
+  for up to :data:`RECONNECT_WINDOW` seconds and the operation run again, as
+  every operation is idempotent (``record`` by its own timestamp) except a claim
+  whose COMMIT was cut off: its outcome cannot be known, so the worker stops
+  with a one-line error (exit 3) and those rows return ``unknown`` after a lease.
 - **One rate for the campaign**: :class:`PostgresRateLimiter` keeps the token
   bucket in a row (``mergekit_rate``) that every worker updates per batch, so
   ``--rate`` is the total over all workers (providers limit per account).
@@ -33,15 +41,17 @@ the server's clock only, so machines' clocks need not agree for those.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -49,7 +59,7 @@ import psycopg
 from . import rekey
 from .addresses import canonical_address
 from .dispatch import THROTTLE_COOLDOWN, THROTTLE_FACTOR
-from .errors import ConfigError, LedgerError
+from .errors import ConfigError, LedgerError, LedgerStorageError
 from .ledger import (
     STATES,
     AddressClaim,
@@ -66,11 +76,13 @@ from .source import SourceRow, ingest_columns
 from .transports.base import redact_url
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # 2: mergekit_campaigns.identity (see Campaign), canonical recipient keys (older ledgers are
 # re-keyed), mergekit_envelopes
 SCHEMA_VERSION = 2
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
+RECONNECT_WINDOW = 30.0  # seconds a worker tries to reach a restarting server before it gives up
 RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
 _SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
 
@@ -171,7 +183,12 @@ class PostgresLedger(Ledger):
     def __init__(self, url: str, *, worker_id: str | None = None) -> None:
         self.path = redact_url(url)
         conninfo, self.lease = split_ledger_url(url)
+        self._conninfo = conninfo
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._in_doubt = False  # a claim's COMMIT is on its way: its outcome unknown if cut off
+        # Monotonic time until which this worker's leases surely hold: None before its first
+        # claim, -inf once they lapsed (paused, cut off), after which it always asks (still_held).
+        self._lease_sure_until: float | None = None
         opened: list[psycopg.Connection[Any]] = []
         try:
             opened.append(self._connect(conninfo))
@@ -194,8 +211,61 @@ class PostgresLedger(Ledger):
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
 
+    def _guard(self, operation: str, call: Callable[[], T]) -> T:
+        """Map psycopg's errors to LedgerStorageError; after a lost connection, reconnect and run
+        the operation again unless that could repeat it (a claim cut off at COMMIT, a report
+        half read)."""
+        try:
+            return call()
+        except psycopg.Error as err:
+            lost = self._db.closed
+            in_doubt, self._in_doubt = self._in_doubt, False
+            if not lost or in_doubt or operation in ("rows", "close"):
+                raise self._fault(err, lost=lost) from None
+            log.warning("lost the connection to the ledger (%s); reconnecting", _first_line(err))
+        self._db = self._reconnect(self._db)
+        try:
+            return call()
+        except psycopg.Error as err:
+            raise self._fault(err, lost=self._db.closed) from None
+
+    def _fault(self, err: psycopg.Error, *, lost: bool) -> LedgerStorageError:
+        if lost:
+            return LedgerStorageError(
+                f"lost the connection to the PostgreSQL ledger ({_first_line(err)})",
+                path=self.path,
+                hint="Check that the server runs and is reachable, then run the same command again: "
+                "rows this process held return as unknown after one lease",
+            )
+        return LedgerStorageError(
+            f"the PostgreSQL ledger failed: {_first_line(err)}",
+            path=self.path,
+            hint="Fix the cause on the server, then run the same command again to resume",
+        )
+
+    def _reconnect(self, old: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        """A new connection in place of ``old`` (lost), trying for up to RECONNECT_WINDOW seconds."""
+        with contextlib.suppress(psycopg.Error):
+            old.close()
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        while True:
+            try:
+                return self._connect(self._conninfo)
+            except psycopg.OperationalError as err:
+                if time.monotonic() > deadline:
+                    raise LedgerStorageError(
+                        f"lost the connection to the PostgreSQL ledger and could not reconnect "
+                        f"for {RECONNECT_WINDOW:.0f} s ({_first_line(err)})",
+                        path=self.path,
+                        hint="Check that the server runs and is reachable, then run the same command "
+                        "again: rows this process held return as unknown after one lease",
+                    ) from None
+                time.sleep(0.5)
+
     def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
-        return psycopg.connect(conninfo, autocommit=True, application_name="mergekit", connect_timeout=10)
+        # The worker's id in pg_stat_activity: an operator sees which worker holds which backend.
+        name = f"mergekit {self.worker_id}"[:63]
+        return psycopg.connect(conninfo, autocommit=True, application_name=name, connect_timeout=10)
 
     def _create_schema(self) -> None:
         with self._db.transaction():
@@ -481,6 +551,7 @@ class PostgresLedger(Ledger):
         self.recover(campaign)
         claimed: list[ClaimedRow] = []
         now = time.time()
+        started = time.monotonic()
         with self._db.transaction():
             for state in states:
                 if len(claimed) >= limit:
@@ -507,7 +578,10 @@ class PostgresLedger(Ledger):
                     },
                 ).fetchall()
                 claimed.extend(ClaimedRow(i, r, k, json.loads(d), a, state) for i, r, k, d, a in rows)
+            self._in_doubt = True  # from here a lost connection may or may not have committed it
+        self._in_doubt = False
         if claimed:
+            self._lease_renewed(started)
             self._start_renewing()
         claimed.sort(key=lambda row: row.id)
         return claimed
@@ -526,9 +600,12 @@ class PostgresLedger(Ledger):
                 " lease_expires_at = CASE WHEN %(state)s = 'sending'"
                 "   THEN clock_timestamp() + make_interval(secs => %(lease)s) END"
                 " WHERE id = %(id)s AND campaign_id = %(campaign)s"
-                # The fence: a row another worker took over after our lease expired keeps that
-                # worker's outcome, unless ours is a delivery.
-                " AND (worker_id = %(worker)s OR %(state)s = 'sent')",
+                # Run again after a lost connection, a batch already written is not written twice.
+                " AND updated_at IS DISTINCT FROM %(now)s"
+                # The fence (module docstring): the row is still ours, or recovered from our lapsed
+                # lease and claimed by nobody since, and ours is a delivery.
+                " AND worker_id = %(worker)s"
+                " AND (state = 'sending' OR (state = 'unknown' AND %(state)s = 'sent'))",
                 [
                     {
                         "state": u.state,
@@ -550,8 +627,8 @@ class PostgresLedger(Ledger):
             )
             if 0 <= cursor.rowcount < len(updates):
                 log.warning(
-                    "%d outcomes not recorded: another worker took those rows over after this "
-                    "worker's lease expired",
+                    "%d outcomes not recorded: this worker's lease on those rows expired and "
+                    "another worker recovered them",
                     len(updates) - cursor.rowcount,
                 )
 
@@ -611,17 +688,46 @@ class PostgresLedger(Ledger):
         ).fetchone()
         return bool(found and found[0])
 
+    leases = True
+
+    def still_held(self, rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
+        """All of ``rows`` while the last claim or renewal is recent enough; else (this process was
+        paused, or cut off) those the database still shows as this worker's, their leases renewed."""
+        sure_until = self._lease_sure_until
+        if not rows or (sure_until is not None and time.monotonic() < sure_until):
+            return list(rows)
+        held = {
+            row_id
+            for (row_id,) in self._db.execute(
+                "UPDATE mergekit_recipients"
+                " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
+                " WHERE id = ANY(%s) AND worker_id = %s AND state = 'sending' RETURNING id",
+                (self.lease, [row.id for row in rows], self.worker_id),
+            )
+        }
+        return [row for row in rows if row.id in held]
+
+    def _lease_renewed(self, at: float) -> None:
+        """Leases were pushed forward at ``at`` (monotonic, taken before the statement): they hold
+        until a lease later, less a renewal's slack for the clocks' drift and the round trip.
+        A renewal that comes after they could have lapsed renews only the rows still this
+        worker's: from then on, :meth:`still_held` asks the database before every batch."""
+        sure_until = self._lease_sure_until
+        if sure_until is not None and at > sure_until:
+            self._lease_sure_until = -math.inf
+        elif sure_until != -math.inf:
+            self._lease_sure_until = max(sure_until or 0.0, at + self.lease * (1 - 1 / RENEWALS_PER_LEASE))
+
     def rate_limiter(self, campaign: Campaign, per_second: float | None) -> PostgresRateLimiter | None:
         """The campaign's shared token bucket at ``per_second`` (which this call sets), or None."""
         if not per_second:
             return None
-        with self._side_lock:
-            self._side.execute(
-                "INSERT INTO mergekit_rate (campaign_id, per_second, next_free)"
-                " VALUES (%s, %s, clock_timestamp())"
-                " ON CONFLICT (campaign_id) DO UPDATE SET per_second = EXCLUDED.per_second",
-                (campaign.id, per_second),
-            )
+        self._on_side(
+            "INSERT INTO mergekit_rate (campaign_id, per_second, next_free)"
+            " VALUES (%s, %s, clock_timestamp())"
+            " ON CONFLICT (campaign_id) DO UPDATE SET per_second = EXCLUDED.per_second",
+            (campaign.id, per_second),
+        )
         return PostgresRateLimiter(self, campaign.id, per_second)
 
     def _start_renewing(self) -> None:
@@ -632,15 +738,31 @@ class PostgresLedger(Ledger):
     def _renew_leases(self) -> None:
         while not self._stop_renewing.wait(self.lease / RENEWALS_PER_LEASE):
             try:
-                with self._side_lock:
-                    self._side.execute(
-                        "UPDATE mergekit_recipients"
-                        " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
-                        " WHERE worker_id = %s AND state = 'sending'",
-                        (self.lease, self.worker_id),
-                    )
-            except psycopg.Error as err:  # the next renewal may succeed; the lease has slack
-                log.warning("could not renew this worker's leases: %s", _first_line(err))
+                started = time.monotonic()
+                self._on_side(
+                    "UPDATE mergekit_recipients"
+                    " SET lease_expires_at = clock_timestamp() + make_interval(secs => %s)"
+                    " WHERE worker_id = %s AND state = 'sending'",
+                    (self.lease, self.worker_id),
+                )
+                self._lease_renewed(started)
+            except LedgerStorageError as err:  # the next renewal may succeed; the lease has slack
+                log.warning("could not renew this worker's leases: %s", err.message)
+
+    def _on_side(self, query: str, params: Sequence[Any]) -> psycopg.Cursor[Any]:
+        """Run ``query`` on the side connection (renewals, rate bucket), reconnected once if lost;
+        psycopg's errors raised as LedgerStorageError, as every ledger operation's are."""
+        with self._side_lock:
+            try:
+                try:
+                    return self._side.execute(query, params)  # type: ignore[arg-type]
+                except psycopg.OperationalError:
+                    if not self._side.closed:
+                        raise
+                    self._side = self._reconnect(self._side)
+                    return self._side.execute(query, params)  # type: ignore[arg-type]
+            except psycopg.Error as err:
+                raise self._fault(err, lost=self._side.closed) from None
 
     def close(self) -> None:
         self._stop_renewing.set()
@@ -672,14 +794,13 @@ class PostgresRateLimiter:
             await asyncio.sleep(wait)
 
     def _reserve(self, count: int) -> float:
-        with self._ledger._side_lock:
-            found = self._ledger._side.execute(
-                "WITH now AS (SELECT clock_timestamp() AS t) UPDATE mergekit_rate r"
-                " SET next_free = greatest(r.next_free, now.t) + make_interval(secs => %s / r.per_second)"
-                " FROM now WHERE r.campaign_id = %s"
-                " RETURNING extract(epoch FROM r.next_free - now.t)::float8 - %s / r.per_second",
-                (count, self._campaign_id, count),
-            ).fetchone()
+        found = self._ledger._on_side(
+            "WITH now AS (SELECT clock_timestamp() AS t) UPDATE mergekit_rate r"
+            " SET next_free = greatest(r.next_free, now.t) + make_interval(secs => %s / r.per_second)"
+            " FROM now WHERE r.campaign_id = %s"
+            " RETURNING extract(epoch FROM r.next_free - now.t)::float8 - %s / r.per_second",
+            (count, self._campaign_id, count),
+        ).fetchone()
         return float(found[0]) if found else 0.0
 
     def accepted(self, count: int) -> None:
@@ -693,13 +814,12 @@ class PostgresRateLimiter:
         if now - self._last_cut < THROTTLE_COOLDOWN and not retry_after:
             return
         self._last_cut = now
-        with self._ledger._side_lock:
-            self._ledger._side.execute(
-                "UPDATE mergekit_rate SET per_second = per_second * %s,"
-                " next_free = greatest(next_free, clock_timestamp() + make_interval(secs => %s))"
-                " WHERE campaign_id = %s",
-                (THROTTLE_FACTOR, retry_after or 0.0, self._campaign_id),
-            )
+        self._ledger._on_side(
+            "UPDATE mergekit_rate SET per_second = per_second * %s,"
+            " next_free = greatest(next_free, clock_timestamp() + make_interval(secs => %s))"
+            " WHERE campaign_id = %s",
+            (THROTTLE_FACTOR, retry_after or 0.0, self._campaign_id),
+        )
 
 
 def _first_line(err: BaseException) -> str:

@@ -31,7 +31,7 @@ from dataclasses import replace
 from typing import NoReturn
 
 from .dispatch import Dispatcher, RunResult, SendOptions
-from .errors import ConfigError
+from .errors import ConfigError, MergekitError
 from .ledger import Campaign, Ledger, SqliteLedger
 from .render import Template
 from .transports.base import Transport
@@ -78,6 +78,9 @@ class Senders:
         self.this_run: Counter[str] = Counter()
         self.interrupted = False
         self.failures: list[str] = []
+        self.errors: list[ChildError] = []  # a child's MergekitError, which the parent raises
+        self._reported: set[int] = set()  # children that reported theirs
+        self.on_error: Callable[[], None] = lambda: None  # the run stops on the first one
 
     @classmethod
     def fork(
@@ -115,7 +118,7 @@ class Senders:
         for pid in self._children:
             _, status = await asyncio.to_thread(os.waitpid, pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            if code != 0:
+            if code != 0 and pid not in self._reported:
                 self.failures.append(f"sending process {pid} ended with exit code {code}")
         self._children = {}
 
@@ -133,10 +136,23 @@ class Senders:
                 elif "done" in report:
                     self.this_run.update(report["done"])
                     self.interrupted |= report["interrupted"]
+                elif "exit_code" in report:
+                    self.errors.append(ChildError(report["error"], report["exit_code"]))
+                    self._reported.add(pid)
+                    self.on_error()
                 else:
                     self.failures.append(f"sending process {pid}: {report['error']}")
         finally:
             transport.close()
+
+
+class ChildError(MergekitError):
+    """A sending process's MergekitError (a ledger fault, a transport that cannot work), raised
+    again in the parent: its one line and exit code, as if the parent had met it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _share(options: SendOptions, concurrency: int, processes: int) -> SendOptions:
@@ -159,7 +175,9 @@ def _child(
         die_with_parent()
         if os.getppid() == 1:  # the parent died before the line above took effect
             raise SystemExit("the parent process is gone")
-        ledger = SqliteLedger(ledger_path)  # the parent's connection must not cross a fork
+        # The parent's connection must not cross a fork. Never created: a ledger file deleted
+        # meanwhile is the parent's to write back, not an empty one to start.
+        ledger = SqliteLedger(ledger_path, create=False)
 
         def progress(counts: Counter[str]) -> None:
             out.write(json.dumps({"progress": counts}) + "\n")
@@ -170,8 +188,11 @@ def _child(
         out.write(json.dumps({"done": result.this_run, "interrupted": result.interrupted}) + "\n")
     except BaseException as err:  # reported to the parent, which decides the exit
         code = 1
+        report: dict[str, object] = {"error": f"{type(err).__name__}: {err}"}
+        if isinstance(err, MergekitError):  # the parent raises it as its own
+            report = {"error": str(err), "exit_code": err.exit_code}
         with contextlib.suppress(OSError):
-            out.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
+            out.write(json.dumps(report) + "\n")
     finally:
         with contextlib.suppress(OSError):
             out.flush()
@@ -209,6 +230,8 @@ async def _run_with_signals(dispatcher: Dispatcher, senders: Senders | None) -> 
 
     for sig in handled:
         loop.add_signal_handler(sig, stop, sig)
+    if senders is not None:
+        senders.on_error = lambda: stop(signal.SIGTERM)
     try:
         if senders is None:
             return await dispatcher.run()
@@ -221,6 +244,8 @@ async def _run_with_signals(dispatcher: Dispatcher, senders: Senders | None) -> 
             await senders.gather(dispatcher.on_progress)
         for failure in senders.failures:
             log.warning("%s; rows it had claimed stay 'sending' until the next run", failure)
+        if senders.errors:
+            raise senders.errors[0]
         result = dispatcher.result()  # the ledger once every process is done
         result.this_run.update(senders.this_run)
         result.interrupted |= senders.interrupted

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import psycopg
 import pytest
@@ -178,25 +179,76 @@ def test_lease_renewed_while_rows_are_held(postgres_url: str) -> None:
 
 
 def test_late_outcomes_are_fenced(postgres_url: str) -> None:
+    """A worker whose lease lapsed never writes over a row another worker took or settled; a late
+    delivery is still written where the row was recovered and nobody has claimed it since."""
     slow = PostgresLedger(postgres_url, worker_id="slow")
     campaign = start(slow)
-    slow.ingest(campaign, [rows(2)])
-    first, second = slow.claim(campaign, 2, states=("pending",), due_before=None)
-    # The slow worker loses the server for longer than its lease:
+    slow.ingest(campaign, [rows(4)])
+    held = slow.claim(campaign, 4, states=("pending",), due_before=None)
+    # The slow worker loses the server (or is paused) for longer than its lease:
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("UPDATE mergekit_recipients SET lease_expires_at = now() - interval '1 second'")
+    fast = PostgresLedger(postgres_url, worker_id="fast")
+    taken = fast.claim(campaign, 2, states=("unknown",), due_before=None)  # recovers all four
+    assert [row.id for row in taken] == [held[0].id, held[1].id]
+    slow.record(
+        campaign,
+        [
+            RowUpdate(held[0].id, "deferred", next_attempt_at=time.time()),  # fast holds it
+            RowUpdate(held[1].id, "sent", message_id="<m1@x>"),  # fast holds it
+            RowUpdate(held[2].id, "sent", message_id="<m2@x>"),  # recovered, not taken: its delivery
+            RowUpdate(held[3].id, "deferred", next_attempt_at=time.time()),  # stays unknown
+        ],
+    )
+    assert {s: n for s, n in fast.counts(campaign).items() if n} == {"sending": 2, "sent": 1, "unknown": 1}
+    fast.record(campaign, [RowUpdate(held[0].id, "sent"), RowUpdate(held[1].id, "failed", code=550)])
+    slow.record(campaign, [RowUpdate(held[0].id, "failed", code=550)])  # settled by fast: no
+    final = {row.row: (row.state, row.unknown_count) for row in fast.rows(campaign)}
+    assert final == {1: ("sent", 1), 2: ("failed", 1), 3: ("sent", 1), 4: ("unknown", 1)}
+    slow.close()
+    fast.close()
+
+
+def test_a_paused_worker_sends_only_rows_it_still_holds(postgres_url: str) -> None:
+    """After a pause longer than its lease (the clock jumps), a worker asks the database which of
+    its claimed rows are still its own before sending them; those are renewed."""
+    slow = PostgresLedger(postgres_url + "?lease=2", worker_id="slow")
+    campaign = start(slow)
+    slow.ingest(campaign, [rows(4)])
+    held = slow.claim(campaign, 4, states=("pending",), due_before=None)
+    assert slow.still_held(held) == held  # just claimed: no question asked
     with psycopg.connect(postgres_url, autocommit=True) as db:
         db.execute("UPDATE mergekit_recipients SET lease_expires_at = now() - interval '1 second'")
     fast = PostgresLedger(postgres_url, worker_id="fast")
     taken = fast.claim(campaign, 2, states=("unknown",), due_before=None)
-    assert [row.id for row in taken] == [first.id, second.id]
-    # a late "deferred" does not overwrite the new holder's row; a late "sent" does
-    slow.record(campaign, [RowUpdate(first.id, "deferred", next_attempt_at=time.time())])
-    slow.record(campaign, [RowUpdate(second.id, "sent", message_id="<m2@x>")])
-    assert fast.counts(campaign)["sending"] == 1 and fast.counts(campaign)["sent"] == 1
-    fast.record(campaign, [RowUpdate(first.id, "sent"), RowUpdate(second.id, "failed", code=550)])
-    counts = fast.counts(campaign)
-    assert counts["sent"] == 2 and counts["failed"] == 0
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # two rows still 'sending' as slow's
+        db.execute("UPDATE mergekit_recipients SET state = 'sending' WHERE worker_id = 'slow'")
+    later = time.monotonic() + 60
+    with patch("mergekit.ledger_postgres.time.monotonic", return_value=later):
+        kept = slow.still_held(held)
+    assert [row.id for row in kept] == [row.id for row in held if row.id not in {t.id for t in taken}]
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # the kept rows' leases run again
+        live = db.execute(
+            "SELECT count(*) FROM mergekit_recipients WHERE worker_id = 'slow' AND lease_expires_at > now()"
+        ).fetchone()
+    assert live == (2,)
     slow.close()
     fast.close()
+
+
+def test_an_outcome_written_twice_counts_once(postgres_url: str) -> None:
+    """``record`` run again after a lost connection (its first COMMIT may have landed) is a no-op."""
+    ledger = PostgresLedger(postgres_url, worker_id="w")
+    campaign = start(ledger)
+    ledger.ingest(campaign, [rows(1)])
+    (row,) = ledger.claim(campaign, 1, states=("pending",), due_before=None)
+    update = [RowUpdate(row.id, "unknown", message_id="<m@x>")]
+    with patch("time.time", return_value=1_000_000.0):  # the two calls of one record share a time
+        ledger.record(campaign, update)
+        ledger.record(campaign, update)
+    (found,) = ledger.rows(campaign)
+    assert (found.state, found.attempts, found.unknown_count) == ("unknown", 1, 1)
+    ledger.close()
 
 
 def test_rate_is_shared_by_every_worker(postgres_url: str) -> None:
