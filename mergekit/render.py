@@ -246,15 +246,16 @@ class Template:
     def render(self, data: Mapping[str, str], *, row: int, key: str) -> Message:
         """Render one row; raise :class:`RenderError` naming the variable, header or file at fault,
         or the bound the template passed (:mod:`mergekit.sandbox`: CPU time, size)."""
-        if not deadline.ticking:
-            deadline.start()
-        deadline.serial += 1
-        deadline.rendering = True
+        guard = deadline
+        if not guard.ticking:
+            guard.start()
+        guard.serial += 1
+        guard.rendering = True
         try:
             try:
                 return self._render(data, row=row, key=key)
             finally:
-                deadline.rendering = False
+                guard.rendering = False
         except RenderLimitError as err:  # the deadline can expire outside the Jinja code
             raise RenderError(f"template: {err}", row=row, key=key) from None
 

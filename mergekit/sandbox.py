@@ -285,9 +285,10 @@ def join_bounded(chunks: Iterable[str]) -> str:
     parts: list[str] = []
     append = parts.append
     size = 0
+    limit = MAX_CHARS
     for chunk in chunks:
         size += len(chunk)
-        if size > MAX_CHARS:
+        if size > limit:
             raise RenderLimitError(f"the output passed {MAX_CHARS:,} characters")
         append(chunk)
     return "".join(parts)
