@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from email.utils import formatdate, getaddresses
 from functools import lru_cache
 from pathlib import Path
+from threading import get_ident
 from typing import Any
 
 import jinja2
@@ -247,15 +248,18 @@ class Template:
         """Render one row; raise :class:`RenderError` naming the variable, header or file at fault,
         or the bound the template passed (:mod:`mergekit.sandbox`: CPU time, size)."""
         guard = deadline
-        if not guard.ticking:
-            guard.start()
-        guard.serial += 1
-        guard.rendering = True
+        timed = get_ident() == guard.thread  # signals reach the main thread only
+        if timed:
+            if not guard.ticking:
+                guard.start()
+            guard.serial += 1
+            guard.rendering = True
         try:
             try:
                 return self._render(data, row=row, key=key)
             finally:
-                guard.rendering = False
+                if timed:
+                    guard.rendering = False
         except RenderLimitError as err:  # the deadline can expire outside the Jinja code
             raise RenderError(f"template: {err}", row=row, key=key) from None
 

@@ -306,16 +306,18 @@ class CpuDeadline:
     timer of the process's CPU time (``ITIMER_PROF``) ticks every :data:`TICK`
     seconds; a tick that finds the same row (``serial``) rendering for more than
     the limit raises :class:`RenderTimeoutError` in it, so a row is stopped
-    after 2 to 2.25 s. A row costs two attribute writes, not a system call; the
+    after 2 to 2.25 s. A row costs a thread check and two attribute writes, not a system call; the
     timer stops itself after two ticks without rendering.
 
-    Python runs signal handlers in the main thread only: elsewhere (and where
-    another SIGPROF handler is set, a profiler's) only the size bounds apply.
+    Python runs signal handlers in the main thread only: rows rendered in another
+    thread (and where another SIGPROF handler is set, a profiler's) have only
+    the size bounds.
     """
 
     TICK = 0.25
 
     def __init__(self) -> None:
+        self.thread = threading.main_thread().ident  # the one thread whose rows are timed
         self.serial = 0  # the row being rendered, counted
         self.rendering = False
         self.ticking = False
@@ -325,9 +327,7 @@ class CpuDeadline:
         self._idle = 0
 
     def start(self) -> None:
-        """Start the timer (:meth:`Template.render <mergekit.render.Template.render>` calls this)."""
-        if threading.get_ident() != threading.main_thread().ident:
-            return
+        """Start the timer; :meth:`mergekit.render.Template.render` calls it from :attr:`thread`."""
         if self._usable is None:
             self._usable = self._install()
         if self._usable:
@@ -367,6 +367,7 @@ class CpuDeadline:
 
     def _forked(self) -> None:
         self.ticking = False  # a child does not inherit its parent's timers
+        self.thread = threading.get_ident()  # the forking thread is the child's main thread
 
 
 deadline = CpuDeadline()
