@@ -387,7 +387,7 @@ def _row_too_long(
     path: str, names: list[str], sizes: list[int], *, row: int | None, line: int | None = None
 ) -> InputError:
     """The error for a row whose fields (their UTF-8 bytes, ``sizes``) pass :data:`MAX_ROW_BYTES`,
-    naming the column where it passes."""
+    naming the column where it passes; without ``sizes``, a row too long as written."""
     running = 0
     column = None
     for name, size in zip(names, sizes, strict=False):
@@ -395,8 +395,9 @@ def _row_too_long(
         if running > MAX_ROW_BYTES:
             column = name
             break
+    written = "" if sizes else " as written (quotes included)"
     return InputError(
-        f"the row is longer than {MAX_ROW_BYTES >> 10} KiB (the most a row or field may hold)",
+        f"the row is longer than {MAX_ROW_BYTES >> 10} KiB{written} (the most a row or field may hold)",
         path=path,
         line=line,
         row=row,
@@ -602,10 +603,12 @@ def _parse_error(path: str, encoding: str, names: list[str], err: Exception) -> 
 
 def _name_shape_error(path: str, encoding: str, names: list[str]) -> None:
     """Raise the InputError for the first row that does not decode, parse, have as many fields
-    as ``names`` or fit in :data:`MAX_ROW_BYTES` (as written, quotes included)."""
+    as ``names`` or fit in :data:`MAX_ROW_BYTES`; failing those, for the first row longer than
+    that as written (quotes included), which is where Arrow's reader stops."""
     width = len(names)
     row = 0
     consumed = 0  # characters read so far, for the size of each row as written
+    long_as_written: InputError | None = None
 
     def counted(file: Iterable[str]) -> Iterator[str]:
         nonlocal consumed
@@ -624,20 +627,12 @@ def _name_shape_error(path: str, encoding: str, names: list[str]) -> None:
                     continue  # a blank line, which pandas skips as well
                 row += 1
                 if len(record) != width:
-                    few = len(record) < width
-                    raise InputError(
-                        f"the row has {len(record)} fields but the header has {width}",
-                        path=path,
-                        line=records.line_num,
-                        row=row,
-                        column=f"field {len(record) + 1}" if few else f"extra field {width + 1}",
-                        hint="Add the missing fields (empty is fine: a,,c)"
-                        if few
-                        else "Quote values that contain commas, or remove the extra fields",
-                    )
+                    raise _field_count_error(path, len(record), width, line=records.line_num, row=row)
                 sizes = [len(value.encode()) for value in record]
-                if max(written, sum(sizes) + width) > MAX_ROW_BYTES:
+                if sum(sizes) + width > MAX_ROW_BYTES:
                     raise _row_too_long(path, names, sizes, row=row, line=records.line_num)
+                if written > MAX_ROW_BYTES and long_as_written is None:
+                    long_as_written = _row_too_long(path, names, [], row=row, line=records.line_num)
     except UnicodeDecodeError as err:
         raise _encoding_error(path, encoding, err) from None
     except csv.Error as err:
@@ -650,6 +645,22 @@ def _name_shape_error(path: str, encoding: str, names: list[str]) -> None:
             row=row + 1,
             hint="Fix or remove the line",
         ) from None
+    if long_as_written is not None:
+        raise long_as_written
+
+
+def _field_count_error(path: str, count: int, width: int, *, line: int, row: int) -> InputError:
+    few = count < width
+    return InputError(
+        f"the row has {count} fields but the header has {width}",
+        path=path,
+        line=line,
+        row=row,
+        column=f"field {count + 1}" if few else f"extra field {width + 1}",
+        hint="Add the missing fields (empty is fine: a,,c)"
+        if few
+        else "Quote values that contain commas, or remove the extra fields",
+    )
 
 
 @contextlib.contextmanager

@@ -117,6 +117,13 @@ def test_a_row_of_many_fields_names_the_column_that_passes_the_limit(tmp_path: P
     assert "row 2, column 'c'" in stderr, stderr
 
 
+def test_a_row_whose_quotes_make_it_too_long_to_read_is_named(tmp_path: Path) -> None:
+    """Its values fit, but as written (each quote doubled) it spans three of Arrow's blocks."""
+    text = "email,note\na@example.org," + "f" * 200_000 + '\nb@example.org,"' + '""' * 255_000 + '"\n'
+    stderr = refused(tmp_path, text, header_only=False)
+    assert "people.csv:3, row 2: the row is longer than 256 KiB as written (quotes included)" in stderr
+
+
 def test_a_refused_file_changes_nothing_in_a_running_campaign(tmp_path: Path) -> None:
     code, stderr = send(tmp_path, "email,name\na@example.org,A\n", "--campaign", "c")
     assert code == 0, stderr
