@@ -27,7 +27,7 @@ from .errors import ConfigError, LedgerError, LedgerStorageError, RenderError
 from .ledger import STATES, Campaign, Ledger, LedgerRow, SqliteLedger, open_ledger
 from .render import Template, TemplateSource
 from .senders import Senders, run_dispatcher, sending_processes
-from .source import SourceOptions, SourceRow, read_rows
+from .source import SourceOptions, SourceRow, check_header, read_rows
 from .transports import transport_from_url
 from .transports.base import Message
 from .unsubscribe import Unsubscribe, read_suppression
@@ -138,6 +138,7 @@ def send(
     compiled = _compile(source_template, name, content)
     suppressed = read_suppression(content.suppress, email_column=source.email_column)
     source = replace(source, suppressed=suppressed)
+    check_header(recipients, source)  # a bad header refuses the run before the ledger records it
     sender = transport_from_url(transport, concurrency=options.concurrency)
     if options.dry_run:
         with tempfile.TemporaryDirectory(prefix="mergekit-dry-run-") as scratch:

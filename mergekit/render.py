@@ -33,15 +33,16 @@ from dataclasses import dataclass, replace
 from email.utils import formatdate, getaddresses
 from functools import lru_cache
 from pathlib import Path
+from threading import get_ident
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 
 from . import bodies
 from .addresses import wire_address
 from .attachments import AttachmentFolder, AttachmentRefused, LoadedAttachment
 from .errors import RenderError, TemplateError
+from .sandbox import RenderLimitError, Sandbox, deadline, join_bounded
 from .transports.base import Message
 from .unsubscribe import Unsubscribe, list_id_address
 
@@ -79,8 +80,8 @@ def _mark_header_value(value: Any) -> Any:
     return value
 
 
-def _environment(*, finalize: Any = None, autoescape: bool = False) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+def _environment(*, finalize: Any = None, autoescape: bool = False) -> Sandbox:
+    return Sandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
         keep_trailing_newline=True,
@@ -160,7 +161,7 @@ class _Compiled:
             template.environment, template.name, template.blocks, {**self._globals, **data}, shared=True
         )
         try:
-            return "".join(template.root_render_func(context))
+            return join_bounded(template.root_render_func(context))
         except Exception:
             template.environment.handle_exception()
 
@@ -254,7 +255,7 @@ class Template:
             unsubscribe=unsubscribe,
         )
 
-    def _compile(self, env: SandboxedEnvironment, text: str, first_line: int) -> _Compiled:
+    def _compile(self, env: Sandbox, text: str, first_line: int) -> _Compiled:
         try:
             return _Compiled(env.from_string(text))
         except jinja2.TemplateSyntaxError as err:
@@ -265,7 +266,25 @@ class Template:
             ) from None
 
     def render(self, data: Mapping[str, str], *, row: int, key: str) -> Message:
-        """Render one row; raise :class:`RenderError` naming the variable, header or file at fault."""
+        """Render one row; raise :class:`RenderError` naming the variable, header or file at fault,
+        or the bound the template passed (:mod:`mergekit.sandbox`: CPU time, size)."""
+        guard = deadline
+        timed = get_ident() == guard.thread  # signals reach the main thread only
+        if timed:
+            if not guard.ticking:
+                guard.start()
+            guard.serial += 1
+            guard.rendering = True
+        try:
+            try:
+                return self._render(data, row=row, key=key)
+            finally:
+                if timed:
+                    guard.rendering = False
+        except RenderLimitError as err:  # the deadline can expire outside the Jinja code
+            raise RenderError(f"template: {err}", row=row, key=key) from None
+
+    def _render(self, data: Mapping[str, str], *, row: int, key: str) -> Message:
         unsubscribe_email = ""
         if self.unsubscribe is not None:
             # {email} in the unsubscribe URL: the row's "email" column, else the recipient key.
@@ -281,8 +300,14 @@ class Template:
             raise RenderError(
                 f"{_undefined_reason(err)} (the row has no such column)", row=row, key=key
             ) from None
+        except RenderLimitError as err:
+            raise RenderError(f"template: {err}", row=row, key=key) from None
         except jinja2.TemplateError as err:
             raise RenderError(f"template error: {err}", row=row, key=key) from None
+        except RecursionError:
+            raise RenderError("template error: recursion too deep", row=row, key=key) from None
+        except Exception as err:  # the template's own expression failed: 1/0, range(10**9), int('x')
+            raise RenderError(f"template error: {type(err).__name__}: {err}", row=row, key=key) from None
         headers = _parse_header_block(header_text, row=row, key=key)
         if self._markdown and body is not None:
             html = bodies.markdown_to_html(body)

@@ -31,7 +31,7 @@ import csv
 import json
 import os
 import warnings
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import itemgetter
@@ -52,6 +52,11 @@ if TYPE_CHECKING:
 
 CHUNK_ROWS = 50_000  # rows classified and stored at once: bounds memory on million-row files
 _BLOCK_BYTES = 256 << 10  # bytes Arrow parses at a time: its reader holds some tens of blocks
+# A row (the header too) must fit in one block: Arrow refuses one that straddles two block
+# boundaries, so a longer row would be read or refused depending on where it starts.
+MAX_ROW_BYTES = _BLOCK_BYTES
+MAX_COLUMNS = 2_000  # columns a header may name (SQLite's default column limit; Excel exports fewer)
+_SCAN_FIELD_LIMIT = 16 * MAX_ROW_BYTES  # the csv module's field limit while it looks for a bad row
 DEFAULT_ENCODING = "utf-8-sig"  # UTF-8 with or without a byte-order mark
 # str.strip()'s whitespace (every c with c.isspace()), for Arrow's trim and for the
 # shape pattern, where RE2's \s is ASCII only.
@@ -278,18 +283,38 @@ def read_rows(
     path = str(path)
     _prefer_jemalloc()
     encoding = _check_encoding(options.encoding)
-    columns = _read_header(path, encoding)
-    email_column = _find_column(columns, options.email_column, path, "--email-column")
-    key_column = _find_column(columns, options.key_column, path, "--key") if options.key_column else None
+    columns, email_column, key_column = _header(path, encoding, options)
     classify = _Classifier(columns, email_column, key_column, options.suppressed)
     layout = Layout(columns, classify.email_at, classify.key_at)
     first_row = 1
     try:
         for values in _batches(path, encoding, len(columns)):
+            _check_row_sizes(path, columns, values, first_row)
             yield SourceChunk(layout, values, first_row, classify(first_row, values))
             first_row += values.num_rows
     except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-        raise _parse_error(path, encoding, len(columns), err) from None
+        raise _parse_error(path, encoding, columns, err) from None
+
+
+def check_header(path: str | Path, options: SourceOptions = SourceOptions()) -> list[str]:
+    """The file's column names, once its header passed every check :func:`read_rows` makes:
+    call it before recording anything, so that a bad header changes nothing.
+
+    :raises InputError: the file is missing, not in the encoding, or its header
+        names no column or two for the address (or ``--key``), a name twice, too
+        many columns or is too long.
+    """
+    with warnings.catch_warnings():  # read_rows warns about the header when it reads the file
+        warnings.simplefilter("ignore")
+        return _header(str(path), _check_encoding(options.encoding), options)[0]
+
+
+def _header(path: str, encoding: str, options: SourceOptions) -> tuple[list[str], str, str | None]:
+    """The column names, the address column's and the ``--key`` column's."""
+    columns = _read_header(path, encoding)
+    email_column = _find_column(columns, options.email_column, path, "--email-column")
+    key_column = _find_column(columns, options.key_column, path, "--key") if options.key_column else None
+    return columns, email_column, key_column
 
 
 def _prefer_jemalloc() -> None:
@@ -338,6 +363,49 @@ def _batches(path: str, encoding: str, width: int) -> Iterator[pa.RecordBatch]:
             held, count = [rest], rest.num_rows
     if count:
         yield pa.concat_batches(held)
+
+
+def _check_row_sizes(path: str, names: list[str], values: pa.RecordBatch, first_row: int) -> None:
+    """Raise the InputError for the first row over :data:`MAX_ROW_BYTES` (values and separators).
+
+    Most chunks are settled by the longest value of each column; the rows are
+    summed only when those could add up to more than the limit.
+    """
+    import pyarrow.compute as pc
+
+    lengths = [pc.binary_length(column) for column in values.columns]
+    if sum(pc.max(length).as_py() or 0 for length in lengths) + len(lengths) <= MAX_ROW_BYTES:
+        return
+    total = lengths[0]
+    for length in lengths[1:]:
+        total = pc.add(total, length)
+    over = pc.indices_nonzero(pc.greater(pc.add(total, len(lengths)), MAX_ROW_BYTES))
+    if len(over):
+        at = over[0].as_py()
+        raise _row_too_long(path, names, [length[at].as_py() for length in lengths], row=first_row + at)
+
+
+def _row_too_long(
+    path: str, names: list[str], sizes: list[int], *, row: int | None, line: int | None = None
+) -> InputError:
+    """The error for a row whose fields (their UTF-8 bytes, ``sizes``) pass :data:`MAX_ROW_BYTES`,
+    naming the column where it passes; without ``sizes``, a row too long as written."""
+    running = 0
+    column = None
+    for name, size in zip(names, sizes, strict=False):
+        running += size + 1
+        if running > MAX_ROW_BYTES:
+            column = name
+            break
+    written = "" if sizes else " as written (quotes included)"
+    return InputError(
+        f"the row is longer than {MAX_ROW_BYTES >> 10} KiB{written} (the most a row or field may hold)",
+        path=path,
+        line=line,
+        row=row,
+        column=column,
+        hint="Shorten the value, or keep long texts in files named by a column (see Attachment:)",
+    )
 
 
 def json_objects(names: Sequence[str], values: Sequence[list[str]]) -> list[str]:
@@ -549,14 +617,15 @@ def _hash_pairs(keys: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.
     return first, second
 
 
-def _parse_error(path: str, encoding: str, width: int, err: Exception) -> InputError:
+def _parse_error(path: str, encoding: str, names: list[str], err: Exception) -> InputError:
     """The InputError for a file Arrow would not read, naming the row where it went wrong.
 
     Only a file with a problem is read again, by the csv module, to say where:
-    the first row that does not decode, parse or have ``width`` fields.
+    the first row that does not decode, parse, have as many fields as ``names``
+    or fit in :data:`MAX_ROW_BYTES`.
     """
     try:
-        _name_shape_error(path, encoding, width)
+        _name_shape_error(path, encoding, names)
     except InputError as found:
         return found
     return InputError(
@@ -564,32 +633,43 @@ def _parse_error(path: str, encoding: str, width: int, err: Exception) -> InputE
     )
 
 
-def _name_shape_error(path: str, encoding: str, width: int) -> None:
-    """Raise the InputError for the first row that does not decode, parse or have ``width`` fields."""
+def _name_shape_error(path: str, encoding: str, names: list[str]) -> None:
+    """Raise the InputError for the first row that does not decode, parse, have as many fields
+    as ``names`` or fit in :data:`MAX_ROW_BYTES`; failing those, for the first row longer than
+    that as written (quotes included), which is where Arrow's reader stops."""
+    width = len(names)
     row = 0
+    consumed = 0  # characters read so far, for the size of each row as written
+    long_as_written: InputError | None = None
+
+    def counted(file: Iterable[str]) -> Iterator[str]:
+        nonlocal consumed
+        for text in file:
+            consumed += len(text)
+            yield text
+
     try:
-        with open(path, encoding=encoding, newline="") as file:
-            records = csv.reader(file, strict=True)
+        with open(path, encoding=encoding, newline="") as file, _field_limit(_SCAN_FIELD_LIMIT):
+            records = csv.reader(counted(file), strict=True)
             next(records, None)
+            before = consumed
             for record in records:
+                written, before = consumed - before, consumed
                 if not record:
                     continue  # a blank line, which pandas skips as well
                 row += 1
                 if len(record) != width:
-                    few = len(record) < width
-                    raise InputError(
-                        f"the row has {len(record)} fields but the header has {width}",
-                        path=path,
-                        line=records.line_num,
-                        row=row,
-                        column=f"field {len(record) + 1}" if few else f"extra field {width + 1}",
-                        hint="Add the missing fields (empty is fine: a,,c)"
-                        if few
-                        else "Quote values that contain commas, or remove the extra fields",
-                    )
+                    raise _field_count_error(path, len(record), width, line=records.line_num, row=row)
+                sizes = [len(value.encode()) for value in record]
+                if sum(sizes) + width > MAX_ROW_BYTES:
+                    raise _row_too_long(path, names, sizes, row=row, line=records.line_num)
+                if written > MAX_ROW_BYTES and long_as_written is None:
+                    long_as_written = _row_too_long(path, names, [], row=row, line=records.line_num)
     except UnicodeDecodeError as err:
         raise _encoding_error(path, encoding, err) from None
     except csv.Error as err:
+        if "field limit" in str(err):
+            raise _row_too_long(path, names, [], row=row + 1, line=records.line_num) from None
         raise InputError(
             f"cannot parse the CSV: {err}",
             path=path,
@@ -597,6 +677,32 @@ def _name_shape_error(path: str, encoding: str, width: int) -> None:
             row=row + 1,
             hint="Fix or remove the line",
         ) from None
+    if long_as_written is not None:
+        raise long_as_written
+
+
+def _field_count_error(path: str, count: int, width: int, *, line: int, row: int) -> InputError:
+    few = count < width
+    return InputError(
+        f"the row has {count} fields but the header has {width}",
+        path=path,
+        line=line,
+        row=row,
+        column=f"field {count + 1}" if few else f"extra field {width + 1}",
+        hint="Add the missing fields (empty is fine: a,,c)"
+        if few
+        else "Quote values that contain commas, or remove the extra fields",
+    )
+
+
+@contextlib.contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    """The csv module's field size limit (a process-wide setting) set to ``limit`` for a while."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _check_encoding(encoding: str) -> str:
@@ -614,8 +720,9 @@ def _check_encoding(encoding: str) -> str:
 
 
 def _read_header(path: str, encoding: str) -> list[str]:
+    """The column names, stripped, each once, at most :data:`MAX_COLUMNS` in one block's length."""
     try:
-        with open(path, encoding=encoding, newline="") as file:
+        with open(path, encoding=encoding, newline="") as file, _field_limit(_SCAN_FIELD_LIMIT):
             header = next(csv.reader(file), None)
     except FileNotFoundError:
         raise InputError(
@@ -625,6 +732,13 @@ def _read_header(path: str, encoding: str) -> list[str]:
         raise _encoding_error(path, encoding, err) from None
     except OSError as err:
         raise InputError(f"cannot read the file: {err.strerror}", path=path) from None
+    except csv.Error as err:
+        raise InputError(
+            f"cannot read the header line: {err}",
+            path=path,
+            line=1,
+            hint=f"The header line names the columns; it may take at most {MAX_ROW_BYTES >> 10} KiB",
+        ) from None
     if not header or not any(name.strip() for name in header):
         raise InputError(
             "the file is empty: it needs a header line naming the columns",
@@ -632,6 +746,7 @@ def _read_header(path: str, encoding: str) -> list[str]:
             line=1,
             hint="The first line must name the columns, e.g. email,name",
         )
+    _check_header_size(path, header)
     stripped = [name.strip() for name in header]
     padded = [name for name in header if name != name.strip()]
     if padded:
@@ -644,15 +759,52 @@ def _read_header(path: str, encoding: str) -> list[str]:
             line=1,
             hint="Give every column a name in the header line",
         )
+    first: dict[str, int] = {}
+    for number, name in enumerate(stripped, start=1):
+        if name in first:
+            raise InputError(
+                f"two columns are named {name!r} (columns {first[name]} and {number})",
+                path=path,
+                line=1,
+                column=name,
+                hint="Give every column its own name: a template could use only one of them",
+            )
+        first[name] = number
     return stripped
 
 
+def _check_header_size(path: str, header: list[str]) -> None:
+    """Refuse a header with more than :data:`MAX_COLUMNS` columns or longer than a row may be."""
+    if len(header) > MAX_COLUMNS:
+        raise InputError(
+            f"the header names {len(header):,} columns; mergekit reads at most {MAX_COLUMNS:,}",
+            path=path,
+            line=1,
+            hint="Remove the columns the template does not use (e.g. export fewer from the spreadsheet)",
+        )
+    if sum(len(name.encode()) + 1 for name in header) > MAX_ROW_BYTES:
+        raise InputError(
+            f"the header line is longer than {MAX_ROW_BYTES >> 10} KiB (the most a row may hold)",
+            path=path,
+            line=1,
+            hint="Shorten the column names",
+        )
+
+
 def _find_column(columns: list[str], wanted: str, path: str, option: str) -> str:
-    if wanted in columns:
-        return wanted
+    """The one column named ``wanted``, in any case; two that match are refused, naming both."""
     folded = [name for name in columns if name.lower() == wanted.lower()]
     if len(folded) == 1:
         return folded[0]
+    if folded:
+        raise InputError(
+            f"columns {folded[0]!r} and {folded[1]!r} both match {option} {wanted!r} "
+            "(names compare in any case)",
+            path=path,
+            line=1,
+            column=wanted,
+            hint="Rename or remove one of them, so that the column to use is certain",
+        )
     raise InputError(
         f"there is no column {wanted!r}; the columns are {', '.join(columns)}",
         path=path,
