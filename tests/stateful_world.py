@@ -45,7 +45,7 @@ def canonical(address: str) -> str:
 
 # Mailboxes the CSVs draw from: ASCII ones, and (behind the Unicode flag) one whose spellings
 # differ in more than ASCII case and whitespace.
-ASCII_PEOPLE = ("ann@example.org", "bob@example.org", "cy@example.net", "dee@example.com", "eve@example.org")
+ASCII_PEOPLE = ("ann@example.org", "bob@example.org", "cy@example.net")  # few: rules meet the same people
 UNICODE_PERSON = "a@bücher.example"
 UNICODE_SPELLINGS = (
     "a@bücher.example",  # NFC
