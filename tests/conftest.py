@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -114,3 +115,15 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the stateful test's figures (``record_property("stateful", ...)``) so CI logs show
+    how many examples and steps it ran, pass or fail."""
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", "") != "call":
+                continue
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "stateful":
+                    terminalreporter.write_line(f"stateful: {value}")
