@@ -43,8 +43,8 @@ def canonical(address: str) -> str:
     return f"{local}@{domain}".lower()
 
 
-# Mailboxes the CSVs draw from: ASCII ones, and (behind the Unicode flag) one whose spellings
-# differ in more than ASCII case and whitespace.
+# Mailboxes the CSVs draw from: ASCII ones, and one whose spellings differ in more than ASCII
+# case and whitespace.
 ASCII_PEOPLE = ("ann@example.org", "bob@example.org", "cy@example.net")  # few: rules meet the same people
 UNICODE_PERSON = "a@bücher.example"
 UNICODE_SPELLINGS = (
@@ -55,15 +55,15 @@ UNICODE_SPELLINGS = (
 )
 
 
-def people(unicode: bool) -> tuple[str, ...]:
-    return ASCII_PEOPLE + ((UNICODE_PERSON,) if unicode else ())
+def people() -> tuple[str, ...]:
+    return (*ASCII_PEOPLE, UNICODE_PERSON)
 
 
 @st.composite
-def spelling(draw: st.DrawFn, person: str, unicode: bool) -> str:
+def spelling(draw: st.DrawFn, person: str) -> str:
     """One way a CSV or suppression file writes ``person``: any ASCII case, padded with blanks,
     and for the Unicode person any of its Unicode forms."""
-    base = draw(st.sampled_from(UNICODE_SPELLINGS)) if person == UNICODE_PERSON and unicode else person
+    base = draw(st.sampled_from(UNICODE_SPELLINGS)) if person == UNICODE_PERSON else person
     upper = draw(st.lists(st.booleans(), min_size=len(base), max_size=len(base)))
     cased = "".join(c.upper() if up and c.isascii() else c for c, up in zip(base, upper, strict=True))
     pad = st.sampled_from(["", " ", "  ", "\t"])
@@ -139,7 +139,12 @@ class World:
         return f"smtp://127.0.0.1:{self.server.port}?starttls=never&timeout=10"
 
     def ledger_spelled(self, how: str) -> str:
-        """The ledger's path as typed another way: through a symlink, or ``dir/../``."""
+        """The ledger's path as typed another way: through a symlink, a hard link (removed again
+        by :meth:`unlink_spellings`: mergekit refuses a ledger file with two names), or ``dir/../``."""
+        if how == "hardlink":
+            link = self.folder / "hard.db"
+            link.hardlink_to(self.ledger)
+            return str(link)
         if how == "symlink":
             link = self.folder / "link.db"
             if not link.exists():
@@ -149,6 +154,10 @@ class World:
             (self.folder / "sub").mkdir(exist_ok=True)
             return str(self.folder / "sub" / ".." / Path(self.ledger).name)
         return self.ledger
+
+    def unlink_spellings(self) -> None:
+        """Remove the hard link :meth:`ledger_spelled` made, if any."""
+        (self.folder / "hard.db").unlink(missing_ok=True)
 
     def send_args(self, allow_template_change: bool, ledger: str | None = None) -> list[str]:
         return [

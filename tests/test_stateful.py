@@ -22,17 +22,14 @@ what the server received and by ``mergekit status --json`` / ``report``:
   ``retry --failed``, nothing is left open and every mailbox not suppressed was
   received and has a ``sent`` row (no row lost).
 
-Flags (environment):
+Addresses are written in ASCII case and whitespace spellings, and one mailbox
+in Unicode spellings too (NFC, the IDNA A-label, NFD, a full-width letter). A
+``send`` while another holds the ledger is typed as the same path, through a
+symlink, through a hard link or as ``dir/../``: it must be refused and change
+nothing (not even the template).
 
-- ``MERGEKIT_STATEFUL_UNICODE=1`` adds a mailbox written in Unicode spellings
-  (NFC, the IDNA A-label, NFD, a full-width letter) beside the ASCII case and
-  whitespace spellings. It needs canonical recipient keys (issue 13, item 1);
-  turn it on by default once they are merged.
-- ``MERGEKIT_STATEFUL_LOCK=1`` adds a ``send`` while another holds the
-  ledger, typed as the same path, through a symlink or as ``dir/../``: it must be
-  refused and change nothing (not even the template). It needs the lock that
-  follows the database file, taken before anything is recorded (issue 13,
-  item 2); turn it on by default once that is merged.
+Budget (environment):
+
 - ``MERGEKIT_STATEFUL_EXAMPLES`` / ``MERGEKIT_STATEFUL_STEPS`` override the
   budget of the ``mergekit-stateful-<engine>`` settings profiles.
 
@@ -67,8 +64,6 @@ from hypothesis.stateful import (
 from mergekit.ledger import OPEN_STATES, STATES, open_ledger
 from tests.stateful_world import OUTCOMES, World, canonical, people, spelling
 
-UNICODE = os.environ.get("MERGEKIT_STATEFUL_UNICODE") == "1"
-LOCK = os.environ.get("MERGEKIT_STATEFUL_LOCK") == "1"
 PROFILE = "mergekit-stateful"
 # Each step is a real run against a real server. 50 examples of up to 20 steps: ~60 examples,
 # ~800 steps in 27 s on SQLite with 2 cores at load 3 (~50 s at load 7). A PostgreSQL example
@@ -84,7 +79,7 @@ for _engine, _examples in EXAMPLES.items():
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 STATS: Counter[str] = Counter()  # examples and steps run, for the terminal summary
-PEOPLE = people(UNICODE)
+PEOPLE = people()
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -128,7 +123,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _add(self, data: st.DataObject) -> None:
         person = data.draw(st.sampled_from(PEOPLE), label="person")
-        self.rows.append((data.draw(spelling(person, UNICODE), label="spelling"), f"Name {len(self.rows)}"))
+        self.rows.append((data.draw(spelling(person), label="spelling"), f"Name {len(self.rows)}"))
 
     # CSV edits between runs
     @rule(data=st.data())
@@ -157,7 +152,7 @@ class LedgerMachine(RuleBasedStateMachine):
         index = data.draw(st.integers(0, len(self.rows) - 1), label="index")
         address, name = self.rows[index]
         person = next(p for p in PEOPLE if canonical(p) == canonical(address))
-        self.rows[index] = (data.draw(spelling(person, UNICODE), label="spelling"), name)
+        self.rows[index] = (data.draw(spelling(person), label="spelling"), name)
         self._write()
 
     # the server, the suppression list and the template
@@ -171,7 +166,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def suppress(self, data: st.DataObject) -> None:
         self._step()
         person = data.draw(st.sampled_from(PEOPLE), label="person")
-        written = data.draw(spelling(person, UNICODE), label="spelling")
+        written = data.draw(spelling(person), label="spelling")
         with self.world.suppress_file.open("a", encoding="utf-8") as file:
             file.write(written + "\n")
         self.listed.add(canonical(person))
@@ -209,8 +204,11 @@ class LedgerMachine(RuleBasedStateMachine):
         assert len(self.world.received()) == before, "a refused send mailed someone"
         assert self.world.report() == report, "a refused send changed the ledger"
 
-    @precondition(lambda self: LOCK and self.stored is not None and self.one_send_per_file)
-    @rule(path=st.sampled_from(["same", "symlink", "dotdot"]), allow_template_change=st.booleans())
+    @precondition(lambda self: self.stored is not None and self.one_send_per_file)
+    @rule(
+        path=st.sampled_from(["same", "symlink", "hardlink", "dotdot"]),
+        allow_template_change=st.booleans(),
+    )
     def send_while_another_runs(self, path: str, allow_template_change: bool) -> None:
         """A second ``send`` while another holds the ledger (SQLite: one send per file)."""
         self._step()
@@ -218,11 +216,12 @@ class LedgerMachine(RuleBasedStateMachine):
         report = self.world.report()
         holder = open_ledger(self.world.ledger)
         try:
-            holder.lock_for_send(holder.find_campaign(None))
+            holder.lock_for_send(holder.find_campaign(None).name)
             args = self.world.send_args(allow_template_change, self.world.ledger_spelled(path))
             run = self.world.cli(*args)
         finally:
             holder.close()
+            self.world.unlink_spellings()
         assert run.code not in (0, 3), f"a send ran beside another through {path}: {run.stderr}"
         assert len(self.world.received()) == before, f"a refused send ({path}) mailed someone"
         assert self.world.report() == report, f"a refused send ({path}) changed the ledger"
@@ -364,6 +363,5 @@ def test_ledger_and_dispatch_keep_their_promises(
         record_property(
             "stateful",
             f"{STATS['examples']} examples, {STATS['steps']} steps in {time.monotonic() - started:.0f} s "
-            f"({engine} ledger; unicode spellings {'on' if UNICODE else 'off'}, "
-            f"second send {'on' if LOCK else 'off'})",
+            f"({engine} ledger)",
         )
