@@ -520,26 +520,13 @@ class SqliteLedger(Ledger):
             campaign = self._campaign_where("id = ?", (campaign_id,))
             assert campaign is not None
             self._unpack_blocks_if_not_ascii(campaign)
-        changing = [
-            row
-            for row in map(
-                rekey.KeyedRow._make,
-                self._db.execute(
-                    f"SELECT {_KEYED_COLUMNS} FROM recipients WHERE email GLOB '*[^ -~]*'"
-                ).fetchall(),
-            )
-            if rekey.is_old_address_key(row)
-        ]
-        new_keys = {(row.campaign_id, canonical_address(row.email)) for row in changing}
-        holding = [
-            rekey.KeyedRow._make(found)
-            for campaign_id, key in new_keys
-            for found in self._db.execute(
+        changes = rekey.plan(
+            self._db.execute(f"SELECT {_KEYED_COLUMNS} FROM recipients WHERE email GLOB '*[^ -~]*'"),
+            lambda campaign_id, key: self._db.execute(
                 f"SELECT {_KEYED_COLUMNS} FROM recipients WHERE campaign_id = ? AND key = ?",
                 (campaign_id, key),
-            )
-        ]
-        changes = rekey.plan(changing, holding)
+            ).fetchall(),
+        )
         # Out of the way first (occurrences are never negative), so no step meets a unique key twice.
         self._db.executemany(
             "UPDATE recipients SET occurrence = -1 - id WHERE id = ?", [(c.id,) for c in changes]

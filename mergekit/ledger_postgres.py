@@ -299,26 +299,15 @@ class PostgresLedger(Ledger):
     def _rekey(self) -> None:
         """Give a ledger of schema 1 canonical keys (see mergekit.rekey) and claim the addresses of
         rows that may have left; in the schema's transaction, under its advisory lock."""
-        changing = [
-            row
-            for row in map(
-                rekey.KeyedRow._make,
-                self._db.execute(
-                    f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE email ~ '{_NOT_ASCII}'"  # type: ignore[arg-type]
-                ).fetchall(),
-            )
-            if rekey.is_old_address_key(row)
-        ]
-        new_keys = {(row.campaign_id, canonical_address(row.email)) for row in changing}
-        holding = [
-            rekey.KeyedRow._make(found)
-            for campaign_id, key in new_keys
-            for found in self._db.execute(
+        changes = rekey.plan(
+            self._db.execute(
+                f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE email ~ '{_NOT_ASCII}'"  # type: ignore[arg-type]
+            ).fetchall(),
+            lambda campaign_id, key: self._db.execute(
                 f"SELECT {_KEYED_COLUMNS} FROM mergekit_recipients WHERE campaign_id = %s AND key = %s",  # type: ignore[arg-type]
                 (campaign_id, key),
-            )
-        ]
-        changes = rekey.plan(changing, holding)
+            ).fetchall(),
+        )
         with self._db.cursor() as cursor:
             # Out of the way first (occurrences are never negative), so no step meets a unique key twice.
             cursor.executemany(

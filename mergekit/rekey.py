@@ -22,8 +22,8 @@ two of them from reaching one address.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from .addresses import canonical_address
 
@@ -59,9 +59,15 @@ def is_old_address_key(row: KeyedRow) -> bool:
     return row.key == row.email.lower() and canonical_address(row.email) != row.key
 
 
-def plan(changing: Iterable[KeyedRow], holding: Iterable[KeyedRow]) -> list[KeyChange]:
-    """The changes for ``changing`` rows (old address keys) and the rows already ``holding``
-    their new keys (same campaign): one group per campaign and canonical key."""
+def plan(
+    candidates: Iterable[Sequence[Any]], holders: Callable[[int, str], Iterable[Sequence[Any]]]
+) -> list[KeyChange]:
+    """The changes for the ``candidates`` (rows of non-ASCII addresses, as the engine selected
+    them) whose keys are old address keys, grouped with the rows already holding their new keys
+    (``holders(campaign_id, key)``, same campaign): one group per campaign and canonical key."""
+    changing = [row for row in map(KeyedRow._make, candidates) if is_old_address_key(row)]
+    new_keys = {(row.campaign_id, canonical_address(row.email)) for row in changing}
+    holding = [KeyedRow._make(found) for campaign_id, key in new_keys for found in holders(campaign_id, key)]
     groups: dict[tuple[int, str], list[KeyedRow]] = {}
     for row in changing:
         groups.setdefault((row.campaign_id, canonical_address(row.email)), []).append(row)
