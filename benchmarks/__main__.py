@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: every benchmark of issue 6 in one run, written to ``docs/benchmarks/``.
+"""``python -m benchmarks``: every benchmark of issue 6 in one run, written outside the repository.
 
 1. SMTP into Postfix's ``smtp-sink``, N rows of ~1.2 KB: ``smtp-source -s 16 -d``
    (C; ``-d`` keeps each session's connection for the next message), a plain
@@ -17,7 +17,8 @@
 
 Every figure comes with its reference from the same run (the machine is shared,
 so absolute numbers drift; ratios much less). ``--quick`` runs small sizes to
-check the harness. Writes ``docs/benchmarks/results.md`` and ``rtt.png``.
+check the harness. Writes ``results.md`` and ``rtt.png`` into ``--out`` (a folder under the
+system's temporary folder by default), or with ``--publish`` into ``docs/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from tests.smtpd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "benchmarks" / "template.txt"
-OUT = ROOT / "docs" / "benchmarks"
+PUBLISHED = ROOT / "docs" / "benchmarks"
+SCRATCH_OUT = Path(tempfile.gettempdir()) / "mergekit-benchmarks"
 CONNECTIONS = 16
 RTTS_MS = (0, 5, 20)
 SMTP_SOURCE_HEADER_BYTES = 112  # smtp-source's own From/To/Date/Message-Id, added to -l
@@ -649,17 +651,17 @@ def million_section(results: Results, folder: Path, rows: int) -> None:
 # -- output ----------------------------------------------------------------------
 
 
-def write_outputs(results: Results, header: list[str]) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def write_outputs(results: Results, header: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     lines = [*header, "", "| section | what | figure | reference (same run) |", "|---|---|---|---|"]
     lines += [f"| {s} | {w} | {f} | {r} |" for s, w, f, r in results.rows]
     lines += ["", *[f"- {note}" for note in results.notes]]
-    (OUT / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if results.rtt:
-        chart(results)
+        chart(results, out)
 
 
-def chart(results: Results) -> None:
+def chart(results: Results, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -685,14 +687,17 @@ def chart(results: Results) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(OUT / "rtt.png", dpi=110)
+    figure.savefig(out / "rtt.png", dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: check the harness only")
     parser.add_argument("--only", choices=["smtp", "rtt", "render", "million", "http"], action="append")
+    parser.add_argument("--out", type=Path, default=SCRATCH_OUT, help="folder to write into")
+    parser.add_argument("--publish", action="store_true", help=f"write into {PUBLISHED} instead")
     args = parser.parse_args()
+    out: Path = PUBLISHED if args.publish else args.out
     quick = args.quick
     rows = 2000 if quick else 20_000
     sizes = (
@@ -724,8 +729,8 @@ def main() -> None:
         if "million" in wanted:
             million_section(results, folder, 50_000 if quick else 1_000_000)
     header[-1] += f" Load average at end {os.getloadavg()[0]:.2f}; took {time.time() - started:.0f} s."
-    write_outputs(results, header)
-    print(f"wrote {OUT / 'results.md'}" + (f" and {OUT / 'rtt.png'}" if results.rtt else ""))
+    write_outputs(results, header, out)
+    print(f"wrote {out / 'results.md'}" + (f" and {out / 'rtt.png'}" if results.rtt else ""))
 
 
 if __name__ == "__main__":
