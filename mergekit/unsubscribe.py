@@ -162,8 +162,18 @@ def read_suppression(paths: Iterable[str | Path], *, email_column: str = "email"
         if not rows:
             continue
         header = [cell.strip().lower() for cell in rows[0]]
-        if email_column.lower() in header or "email" in header:
-            column = header.index(email_column.lower() if email_column.lower() in header else "email")
+        wanted = email_column.lower() if email_column.lower() in header else "email"
+        if wanted in header:
+            matching = [written for written, folded in zip(rows[0], header, strict=True) if folded == wanted]
+            if len(matching) > 1:  # which one lists the addresses is not certain: refuse, as for recipients
+                raise InputError(
+                    f"columns {matching[0]!r} and {matching[1]!r} both match the address column {wanted!r} "
+                    "(names compare in any case)",
+                    path=name,
+                    line=1,
+                    hint="Rename or remove one of them, so that the column to use is certain",
+                )
+            column = header.index(wanted)
             addresses = [row[column] for row in rows[1:] if len(row) > column]
         elif all(len(row) == 1 for row in rows):
             addresses = [row[0] for row in rows]

@@ -107,6 +107,26 @@ def test_suppression_file_formats(tmp_path: Path) -> None:
         read_suppression([tmp_path / "c.csv"])
 
 
+def test_a_suppression_csv_with_two_address_columns_is_refused_before_anything(
+    files: Path, smtp_server: SmtpServer
+) -> None:
+    """``email,EMAIL`` in a --suppress CSV: which column lists the addresses is not certain."""
+    (files / "stop.csv").write_text("email,EMAIL\nbob@example.com,ada@example.com\n", encoding="utf-8")
+    (files / "plain.txt").write_text(
+        "From: n@example.com\nTo: {{ email }}\nSubject: s\n\nHi\n", encoding="utf-8"
+    )
+    runner = CliRunner()
+    args = ["send", str(files / "people.csv"), str(files / "plain.txt"), "--transport", smtp_server.url]
+    args += ["--ledger", str(files / "l.db"), "--suppress", str(files / "stop.csv")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "columns 'email' and 'EMAIL' both match the address column 'email'" in result.output
+    assert "stop.csv" in result.output and "Traceback" not in result.output
+    assert smtp_server.messages == []
+    status = runner.invoke(main, ["status", "--ledger", str(files / "l.db"), "--json"])
+    assert status.exit_code == 2 or json.loads(status.stdout)["total"] == 0, status.output
+
+
 def test_suppressed_at_ingest_counted_and_never_sent(files: Path, smtp_server: SmtpServer) -> None:
     (files / "stop.txt").write_text("bob@example.com\ncarol@example.com\n", encoding="utf-8")
     (files / "plain.txt").write_text(
