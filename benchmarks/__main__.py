@@ -576,14 +576,25 @@ def render_section(results: Results, rows: int) -> None:
         )
 
 
-def million_section(results: Results, folder: Path, rows: int) -> None:
-    path = folder / f"million-{rows}.csv"
+def _write_million(path: Path, rows: int, *extra: str) -> None:
+    """A CSV of ``rows`` rows by benchmarks.million (``extra``: one address in N internationalised)."""
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.million", "write", str(path), str(rows)],
+        [sys.executable, "-m", "benchmarks.million", "write", str(path), str(rows), *extra],
         cwd=ROOT,
         check=True,
         capture_output=True,
     )
+
+
+def _ingest_million(path: Path, ledger: Path) -> tuple[float, Child]:
+    """Seconds a mergekit ingest of ``path`` took (in its own process), and the process measured."""
+    ingest = run_child([sys.executable, "-m", "benchmarks.million", "ingest", str(path), str(ledger)])
+    return json.loads(ingest.stdout)["seconds"], ingest
+
+
+def million_section(results: Results, folder: Path, rows: int) -> None:
+    path = folder / f"million-{rows}.csv"
+    _write_million(path, rows)
     size = path.stat().st_size / 1e6
     alone = run_child([sys.executable, "-m", "benchmarks.million", "pandas", str(path)])
     pandas_s = json.loads(alone.stdout)["seconds"]
@@ -593,10 +604,7 @@ def million_section(results: Results, folder: Path, rows: int) -> None:
         f"{pandas_s:.2f} s, {rows / pandas_s:,.0f} rows/s",
         f"peak RSS {alone.peak_largest / 2**20:.0f} MB",
     )
-    ingest = run_child(
-        [sys.executable, "-m", "benchmarks.million", "ingest", str(path), str(folder / "million.db")]
-    )
-    ingest_s = json.loads(ingest.stdout)["seconds"]
+    ingest_s, ingest = _ingest_million(path, folder / "million.db")
     results.add(
         "1M rows",
         "mergekit ingest into SQLite",
@@ -605,16 +613,8 @@ def million_section(results: Results, folder: Path, rows: int) -> None:
     )
     # One address in a hundred internationalised: those rows' keys are computed in Python (issue 13).
     idn = folder / f"million-{rows}-idn.csv"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.million", "write", str(idn), str(rows), "100"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    idn_ingest = run_child(
-        [sys.executable, "-m", "benchmarks.million", "ingest", str(idn), str(folder / "million-idn.db")]
-    )
-    idn_s = json.loads(idn_ingest.stdout)["seconds"]
+    _write_million(idn, rows, "100")
+    idn_s, _ = _ingest_million(idn, folder / "million-idn.db")
     results.add(
         "1M rows",
         "mergekit ingest, 1 address in 100 at bücher.example",

@@ -383,7 +383,7 @@ CREATE TABLE IF NOT EXISTS campaigns (
     settings TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    identity TEXT NOT NULL DEFAULT ''  -- see Campaign; '' only before migration (_migrate)
+    identity TEXT NOT NULL DEFAULT ''  -- see Campaign; '' only before migration (_add_identities)
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,

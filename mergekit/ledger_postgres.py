@@ -84,6 +84,10 @@ SCHEMA_VERSION = 2
 DEFAULT_LEASE = 60.0  # seconds a claimed row stays this worker's without a renewal
 RECONNECT_WINDOW = 30.0  # seconds a worker tries to reach a restarting server before it gives up
 RENEWALS_PER_LEASE = 3  # a lease survives two missed renewals (a stalled thread, a slow commit)
+LOST_CONNECTION_HINT = (
+    "Check that the server runs and is reachable, then run the same command again: "
+    "rows this process held return as unknown after one lease"
+)
 _SCHEMA_LOCK = 0x6D6B6C67  # pg_advisory_xact_lock key ("mklg"): one schema creator at a time
 
 _SCHEMA = """
@@ -234,8 +238,7 @@ class PostgresLedger(Ledger):
             return LedgerStorageError(
                 f"lost the connection to the PostgreSQL ledger ({_first_line(err)})",
                 path=self.path,
-                hint="Check that the server runs and is reachable, then run the same command again: "
-                "rows this process held return as unknown after one lease",
+                hint=LOST_CONNECTION_HINT,
             )
         return LedgerStorageError(
             f"the PostgreSQL ledger failed: {_first_line(err)}",
@@ -257,8 +260,7 @@ class PostgresLedger(Ledger):
                         f"lost the connection to the PostgreSQL ledger and could not reconnect "
                         f"for {RECONNECT_WINDOW:.0f} s ({_first_line(err)})",
                         path=self.path,
-                        hint="Check that the server runs and is reachable, then run the same command "
-                        "again: rows this process held return as unknown after one lease",
+                        hint=LOST_CONNECTION_HINT,
                     ) from None
                 time.sleep(0.5)
 
@@ -483,8 +485,8 @@ class PostgresLedger(Ledger):
                         (campaign.id,),
                     ).fetchall()
                 )
-                hits = [(row_id, listed[canonical_address(email)]) for row_id, email in others
-                        if canonical_address(email) in listed]  # fmt: skip
+                canonical = [(row_id, canonical_address(email)) for row_id, email in others]
+                hits = [(row_id, listed[address]) for row_id, address in canonical if address in listed]
                 with self._db.cursor() as cursor:
                     cursor.executemany(
                         "UPDATE mergekit_recipients SET state = 'suppressed', updated_at = %s,"
