@@ -332,6 +332,17 @@ def _closing(reply: Reply) -> bool:
     return reply.code == SMTPStatus.domain_unavailable
 
 
+def _group_failure(message: Message, mail: Reply, refused: dict[str, Reply], data: Reply) -> Outcome | None:
+    """The outcome of a message whose MAIL, every RCPT or DATA was refused; None if it may go."""
+    if mail.code >= 400:
+        return classify(mail.code, mail.text)
+    if len(refused) == len(message.envelope_to):
+        return _refused_outcome(refused)
+    if data.code != SMTPStatus.start_input:
+        return classify(data.code, data.text)
+    return None
+
+
 async def send_pipelined(
     reader: ReplyReader, messages: Sequence[Message], *, timeout: float
 ) -> tuple[list[Outcome], bool]:
@@ -341,13 +352,11 @@ async def send_pipelined(
         unless the connection was lost or closed with 421; at least one), and
         whether the connection can carry more.
     """
-    for position, message in enumerate(messages):
-        unsafe = _unsafe(message)
-        if unsafe is not None:
-            if position == 0:
-                return [unsafe], True
-            messages = messages[:position]  # the caller comes back for the rest
-            break
+    unsafe = _unsafe(messages[0])
+    if unsafe is not None:
+        return [unsafe], True
+    # Up to the next unsafe message: the caller comes back for the rest.
+    messages = messages[: next((i for i in range(1, len(messages)) if _unsafe(messages[i])), len(messages))]
     outcomes: list[Outcome] = []
     group, answers = _commands(messages[0])
     try:
@@ -381,13 +390,7 @@ async def send_pipelined(
             return [*outcomes, _lost_before(str(gone))], False
         mail, *rcpts, data = replies[reset_sent:]
         refused = _refused(message, rcpts)
-        failure: Outcome | None = None
-        if mail.code >= 400:
-            failure = classify(mail.code, mail.text)
-        elif len(refused) == len(message.envelope_to):
-            failure = _refused_outcome(refused)
-        elif data.code != SMTPStatus.start_input:
-            failure = classify(data.code, data.text)
+        failure = _group_failure(message, mail, refused, data)
         # 3. Next write: this message's content (or a lone dot), RSET after a failure,
         #    and the next message's commands.
         out = bytearray()
